@@ -1,0 +1,108 @@
+"""Every built-in model YAML: build, eval/train outputs, gradients, fuse(), info()."""
+
+import pytest
+import torch
+from conftest import randomize_bn
+
+from yolo_mobile import build_model
+from yolo_mobile.config import list_builtin_models
+
+MODELS = list_builtin_models()
+
+
+def n_anchors(h: int, w: int) -> int:
+    return sum((h // s) * (w // s) for s in (8, 16, 32))
+
+
+@pytest.mark.parametrize("cfg", MODELS)
+def test_model_outputs_gradients_and_fuse(cfg):
+    model = build_model(cfg, nc=7)
+    # train mode: raw maps per level, box distributions (4 x 16 bins) then class logits
+    x = torch.rand(2, 3, 256, 416)
+    maps = model.train()(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 4 * 16 + 7, 256 // s, 416 // s) for s in (8, 16, 32)]
+    sum(m.float().mean() for m in maps).backward()
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+
+    # eval mode: (B, 4 + nc, N), boxes as cx, cy, w, h in input pixels, scores in [0, 1]
+    randomize_bn(model)
+    for head in model.head.cls:
+        torch.nn.init.zeros_(head[-1].bias)  # scores near 0.5, so the fused comparison tests the class branch too
+    model.eval()
+    for h, w in [(320, 320), (256, 416)]:
+        x = torch.rand(1, 3, h, w)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (1, 4 + 7, n_anchors(h, w))
+        assert out[:, 4:].min() >= 0 and out[:, 4:].max() <= 1
+        assert out[:, 2:4].min() >= 0  # widths and heights
+        assert out[:, 0].min() >= 0 and out[:, 0].max() <= w and out[:, 1].max() <= h  # centres inside the image
+
+    with torch.no_grad():
+        before = model(x)
+        fused = model.fuse()
+        after = fused(x)
+    assert fused is model and model.fused
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.neck.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.head.modules())
+    assert (before[:, 4:] - after[:, 4:]).abs().max() < 1e-4  # scores
+    assert ((before[:, :4] - after[:, :4]).abs() / max(h, w)).max() < 1e-4  # boxes, relative to the image
+
+
+@pytest.mark.parametrize("cfg", MODELS)
+def test_info_reports_params_and_gflops(cfg):
+    model = build_model(cfg)
+    info = model.info(imgsz=320)
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert 0 < info["backbone_params"] < info["params"]
+    # convolutions scale with pixels (4x from 320 to 640); global attention grows faster, with tokens squared
+    ratio = model.info(imgsz=640)["gflops"] / info["gflops"]
+    has_attention = cfg.startswith(("mobilevit", "fastvit_sa"))
+    assert ratio > 4.02 if has_attention else ratio == pytest.approx(4, rel=0.01)
+
+
+def test_yolov5n_rebuilds_yolov5nu():
+    """Our CSPDarknet-n + PAN + head is YOLOv5nu: 2,654,816 parameters by ultralytics' count, 16 of which are
+    the fixed DFL conv that we compute with a buffer instead."""
+    model = build_model("yolov5n.yaml")
+    assert sum(p.numel() for p in model.parameters()) == 2_654_816 - 16
+
+
+def test_neck_channels_come_from_backbone():
+    model = build_model("mobilenetv3_large.yaml")
+    assert model.neck.sppf.cv1.conv.in_channels == model.backbone.channels[2] == 480
+    assert model.neck.td3.cv1.conv.in_channels == 64 + model.backbone.channels[0]
+
+
+def test_normalization_inside_model():
+    """ImageNet-trained backbones get mean/std inside the model; callers always feed [0, 1]."""
+    fast = build_model("fastvit_t8.yaml")
+    assert fast.normalize and torch.allclose(fast.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    assert not build_model("mobilevit_xxs.yaml").normalize  # timm's MobileViT weights take [0, 1] as is
+
+
+def test_input_must_be_multiple_of_32():
+    model = build_model("yolov5n.yaml").eval()
+    with pytest.raises(ValueError, match="multiples of 32, got 300x320"):
+        model(torch.rand(1, 3, 300, 320))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.rand(1, 1, 320, 320))
+
+
+def test_nc_override_and_dict_config():
+    model = build_model({"nc": 3, "backbone": {"name": "cspdarknet", "variant": "n"}}, nc=5)
+    assert model.nc == 5 and model.config.nc == 5
+    assert model.config.to_dict()["backbone"] == {"name": "cspdarknet", "variant": "n"}
+
+
+def test_flop_count_includes_cpu_attention():
+    """timm's MobileViT and FastViT-SA run fused attention; on CPU torch's counter would miss it."""
+    from yolo_mobile.detector import count_flops
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    b, heads, tokens, dim = 2, 4, 64, 32
+    flops = count_flops(Attention(), torch.rand(b, heads, tokens, dim))
+    assert flops == 2 * (2 * b * heads * tokens * tokens * dim)  # q @ k^T and attn @ v, 2 FLOPs per MAC

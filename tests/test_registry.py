@@ -1,0 +1,102 @@
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from yolo_mobile.backbones import BACKBONES, build_backbone, list_backbones, register_backbone
+from yolo_mobile.backbones.base import Backbone
+from yolo_mobile.registry import Registry, RegistryError
+
+
+def test_builtins_registered():
+    assert {"mobilevit", "mobilenetv3", "fastvit", "cspdarknet", "timm"} <= set(list_backbones())
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(RegistryError, match=r"unknown backbone 'nope'; valid: .*mobilevit"):
+        build_backbone("nope")
+
+
+def test_unknown_argument_lists_valid_ones():
+    with pytest.raises(RegistryError, match=r"unknown argument\(s\) depth; valid: variant, drop_path_rate"):
+        build_backbone("mobilevit", depth=3)
+
+
+def test_unknown_variant_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown mobilevit variant 'm'; valid: xxs, xs, s"):
+        build_backbone("mobilevit", variant="m")
+
+
+def test_duplicate_registration_fails():
+    reg = Registry("thing")
+    reg.register("a", lambda: 1)
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.register("a", lambda: 2)
+
+
+def test_contract_is_checked_on_build():
+    class WrongStrides(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.channels, self.strides = [8, 8, 8], [4, 8, 16]
+
+    register_backbone("_wrong_strides", WrongStrides)
+    try:
+        with pytest.raises(ValueError, match=r"strides.*\[8, 16, 32\]"):
+            build_backbone("_wrong_strides")
+    finally:
+        BACKBONES._builders.pop("_wrong_strides")
+
+
+PLUGIN = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class TinyBackbone(nn.Module):
+        def __init__(self, width: int = 8):
+            super().__init__()
+            self.channels, self.strides = [width, 2 * width, 4 * width], [8, 16, 32]
+            self.p3 = nn.Conv2d(3, width, 8, 8)
+            self.p4 = nn.Conv2d(width, 2 * width, 2, 2)
+            self.p5 = nn.Conv2d(2 * width, 4 * width, 2, 2)
+
+        def forward(self, x):
+            p3 = self.p3(x)
+            p4 = self.p4(p3)
+            return [p3, p4, self.p5(p4)]
+    """
+)
+
+
+def test_third_party_backbone_through_entry_point(tmp_path, monkeypatch):
+    """A package that declares `yolo_mobile.backbones` entry points is found without importing it by hand."""
+    (tmp_path / "tiny_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "tiny_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[yolo_mobile.backbones]\ntiny = tiny_plugin:TinyBackbone\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    BACKBONES.load_entry_points()
+    try:
+        assert "tiny" in list_backbones()
+        from yolo_mobile import build_model
+
+        model = build_model({"nc": 3, "backbone": {"name": "tiny", "width": 16}}).eval()
+        out = model(torch.rand(1, 3, 64, 96))
+        assert out.shape == (1, 4 + 3, 8 * 12 + 4 * 6 + 2 * 3)
+    finally:
+        BACKBONES._builders.pop("tiny", None)
+        sys.modules.pop("tiny_plugin", None)
+
+
+def test_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch, caplog):
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[yolo_mobile.backbones]\nbroken = no_such_module_xyz:Thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    BACKBONES.load_entry_points()
+    assert "broken" not in list_backbones()
+    assert "no_such_module_xyz" in caplog.text

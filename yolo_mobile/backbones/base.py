@@ -1,0 +1,80 @@
+"""The backbone contract: 3 feature maps at strides 8, 16, 32, with their channels and strides declared."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import fold_conv_bn
+from ..registry import Registry
+
+BACKBONES = Registry("backbone", group="yolo_mobile.backbones")
+DETECTION_STRIDES = [8, 16, 32]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """Base class for built-in backbones.
+
+    ``forward(x)`` takes an RGB tensor in [0, 1] that the detector has already normalised with ``mean``/``std``
+    (None means the backbone wants [0, 1] as it is) and returns 3 maps whose channels and strides are
+    ``channels`` and ``strides``.
+    """
+
+    channels: list[int]
+    strides: list[int] = DETECTION_STRIDES
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def reparameterize(self) -> None:
+        """Fuse for deployment (Conv+BN folding here; families with train-time branches do more)."""
+        fold_conv_bn(self)
+
+
+def register_backbone(name: str, builder: Any = None):
+    """Register a backbone builder (a class or function taking keyword arguments) under ``name``."""
+    return BACKBONES.register(name, builder)
+
+
+def build_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Build the backbone registered as ``name`` and check that it keeps the contract."""
+    backbone = BACKBONES.build(name, **kwargs)
+    check_backbone(backbone, name)
+    return backbone
+
+
+def list_backbones() -> list[str]:
+    return BACKBONES.list()
+
+
+def check_backbone(backbone: nn.Module, name: str = "") -> None:
+    label = f"backbone '{name or type(backbone).__name__}'"
+    channels, strides = getattr(backbone, "channels", None), getattr(backbone, "strides", None)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"{label} is a {type(backbone).__name__}, not an nn.Module")
+    if not (isinstance(channels, (list, tuple)) and len(channels) == 3 and all(int(c) > 0 for c in channels)):
+        raise ValueError(f"{label} must declare `channels` as 3 positive ints, got {channels!r}")
+    if list(strides or []) != DETECTION_STRIDES:
+        raise ValueError(f"{label} must declare `strides` == {DETECTION_STRIDES}, got {strides!r}")
+
+
+def pick_variant(family: str, variant: str, table: dict[str, Any]) -> Any:
+    if variant not in table:
+        raise ValueError(f"unknown {family} variant '{variant}'; valid: {', '.join(table)}")
+    return table[variant]
+
+
+def forward_check(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run the backbone and verify each map against its declared channels and strides (used by tests and info)."""
+    feats = backbone(x)
+    h, w = x.shape[-2:]
+    for f, c, s in zip(feats, backbone.channels, backbone.strides, strict=True):
+        expected = (c, -(-h // s), -(-w // s))
+        if tuple(f.shape[1:]) != expected:
+            raise ValueError(f"{type(backbone).__name__}: map of stride {s} is {tuple(f.shape[1:])}, "
+                             f"declared {expected} for input {h}x{w}")
+    return feats

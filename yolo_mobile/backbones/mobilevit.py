@@ -1,0 +1,38 @@
+"""MobileViT (Mehta & Rastegari, ICLR 2022) from timm, as a detection backbone.
+
+Detection uses the outputs of stages L3/L4/L5 (strides 8/16/32) without the final 1x1 expansion conv,
+as the paper's SSDLite does: that conv (160 -> 640 for S) only serves the classifier.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+from .base import Backbone, pick_variant, register_backbone
+
+VARIANTS = {"xxs": "mobilevit_xxs", "xs": "mobilevit_xs", "s": "mobilevit_s"}
+STAGES = [2, 3, 4]  # timm stage indices of L3, L4, L5
+
+
+@register_backbone("mobilevit")
+class MobileViT(Backbone):
+    def __init__(self, variant: str = "s", drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        model_name = pick_variant("mobilevit", variant, VARIANTS)
+        self.model = timm.create_model(model_name, pretrained=False, drop_path_rate=drop_path_rate)
+        self.model.prune_intermediate_layers(STAGES, prune_head=True)
+        self.model.final_conv = torch.nn.Identity()  # never run (exclude_final_conv), so drop its weights
+        # feature_info describes stage 4 by the final conv it ends in, so read channels off a dry run
+        with torch.no_grad():
+            feats = self.forward(torch.zeros(1, 3, 64, 64))
+        self.channels = [f.shape[1] for f in feats]
+        self.strides = [self.model.feature_info[i]["reduction"] for i in STAGES]
+        # timm's MobileViT weights were trained on [0, 1] inputs without mean/std normalisation
+        cfg = self.model.pretrained_cfg
+        if tuple(cfg["mean"]) != (0.0, 0.0, 0.0) or tuple(cfg["std"]) != (1.0, 1.0, 1.0):
+            self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # timm interpolates MobileViT's 2x2 patches, so sizes that are not multiples of 64 work too
+        return self.model.forward_intermediates(x, indices=STAGES, intermediates_only=True, exclude_final_conv=True)

@@ -1,0 +1,147 @@
+"""Command line: ``yolo-mobile <command>``. Each command parses its flags and calls the package; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError
+
+
+def _shape(out: object) -> str:
+    if hasattr(out, "shape"):
+        return "x".join(str(s) for s in out.shape[1:])
+    if isinstance(out, (list, tuple)):
+        return ", ".join(_shape(o) for o in out)
+    return "-"
+
+
+def layer_table(model, imgsz: int) -> list[tuple[str, str, int, str]]:
+    """(name, type, params, output shape) for the detector's parts and their direct children."""
+    import torch
+
+    rows: dict[str, list] = {}
+    hooks = []
+    for part in ("backbone", "neck", "head"):
+        module = getattr(model, part)
+        children = list(module.named_children())
+        # timm and torchvision backbones wrap one model: list that model's children instead
+        if len(children) == 1 and list(children[0][1].children()):
+            prefix, inner = children[0]
+            children = [(f"{prefix}.{n}", m) for n, m in inner.named_children()]
+        named = []
+        for n, m in children:
+            named.append((f"{part}.{n}", m))
+            # containers iterated rather than called (timm stages, the head's per-level branches): list their parts
+            if isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList)):
+                named += [(f"{part}.{n}.{k}", c) for k, c in m.named_children()]
+        for name, child in [(part, module), *named]:
+            rows[name] = [name, type(child).__name__, sum(p.numel() for p in child.parameters()), "-"]
+
+            def hook(_m, _i, out, key=name):
+                rows[key][3] = _shape(out)
+
+            hooks.append(child.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, imgsz, imgsz))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return [tuple(r) for r in rows.values() if r[2] or r[3] != "-"]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .backbones import BACKBONES
+    from .config import builtin_models_dir, list_builtin_models, read_yaml
+
+    print(f"Built-in model YAMLs ({builtin_models_dir()}):")
+    for name in list_builtin_models():
+        backbone = read_yaml(builtin_models_dir() / name).data.get("backbone", {})
+        desc = " ".join(f"{k}={v}" for k, v in backbone.items())
+        print(f"  {name:<24} {desc}")
+    print("Registered backbones:")
+    for name in BACKBONES.list():
+        builder = BACKBONES.get(name)
+        print(f"  {name:<24} {builder.__module__}.{builder.__qualname__}")
+    if args.table:
+        print()
+        print("\n".join(model_table(list_builtin_models(), args.imgsz, args.compare_ultralytics)))
+    return 0
+
+
+def model_table(cfgs: list[str], imgsz: int, compare_ultralytics: bool = False) -> list[str]:
+    """Markdown rows: backbone params, detector params and GFLOPs (torch's FLOP counter) at ``imgsz``."""
+    from .detector import build_model
+
+    rows = [f"| model | backbone params (M) | detector params (M) | GFLOPs @{imgsz} |", "|---|---:|---:|---:|"]
+    for cfg in cfgs:
+        info = build_model(cfg).info(imgsz)
+        rows.append(f"| {cfg.removesuffix('.yaml')} | {info['backbone_params'] / 1e6:.2f} | "
+                    f"{info['params'] / 1e6:.2f} | {info['gflops']:.2f} |")
+    if compare_ultralytics:
+        import torch
+
+        from . import _ultralytics
+        from .detector import count_flops
+
+        for name in ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml"):
+            theirs = _ultralytics.reference_info(name, imgsz)
+            ours = count_flops(_ultralytics.reference_model(name), torch.zeros(1, 3, imgsz, imgsz)) / 1e9
+            rows.append(f"| ultralytics {name.removesuffix('.yaml')} | - | {theirs['params'] / 1e6:.2f} | "
+                        f"{ours:.2f} (their info: {theirs['gflops']:.1f}) |")
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .detector import build_model
+
+    model = build_model(args.cfg, nc=args.nc)
+    print(f"{'layer':<32} {'type':<26} {'params':>12}  output (C x H x W) at {args.imgsz}")
+    for name, kind, params, shape in layer_table(model, args.imgsz):
+        indent = "  " * name.count(".")
+        print(f"{indent + name:<32} {kind:<26} {params:>12,}  {shape}")
+    info = model.info(args.imgsz)
+    print(f"\n{args.cfg}: {info['params']:,} parameters (backbone {info['backbone_params']:,}), "
+          f"{info['gflops']:.2f} GFLOPs at {args.imgsz}x{args.imgsz}, nc={model.nc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="yolo-mobile", description="YOLO detection with mobile backbones")
+    parser.add_argument("--version", action="version", version=f"yolo-mobile {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("models", help="list built-in model YAMLs and registered backbones")
+    p.add_argument("--table", action="store_true", help="also print params and GFLOPs of every built-in model")
+    p.add_argument("--imgsz", type=int, default=640, help="input size for --table")
+    p.add_argument("--compare-ultralytics", action="store_true",
+                   help="add ultralytics' YOLOv5nu, YOLOv8n and YOLO11n, built from their YAMLs (no download)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="layer summary, parameters and GFLOPs of a model")
+    p.add_argument("--cfg", required=True, help="model YAML path or built-in name (e.g. mobilevit_s.yaml)")
+    p.add_argument("--imgsz", type=int, default=640, help="square input size for shapes and GFLOPs")
+    p.add_argument("--nc", type=int, default=None, help="override the YAML's number of classes")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "imgsz", 32) % 32:
+        print(f"yolo-mobile: error: --imgsz must be a multiple of 32, got {args.imgsz}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"yolo-mobile: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

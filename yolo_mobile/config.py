@@ -1,0 +1,172 @@
+"""The one place that reads configuration files: YAML -> typed dataclasses, unknown keys are errors.
+
+Errors name the file and the line, and list the valid keys or names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+# ---------------------------------------------------------------------------------------------------------- YAML
+@dataclass
+class YamlDoc:
+    """A parsed YAML mapping with the line of each key, so errors can point at it."""
+
+    data: dict[str, Any]
+    source: str  # file path, or "<dict>"
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def where(self, *keys: str) -> str:
+        line = self.lines.get(tuple(keys))
+        return f"{self.source}:{line}" if line else self.source
+
+
+def _key_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            out[path] = key.start_mark.line + 1
+            _key_lines(value, path, out)
+
+
+def read_yaml(path: str | Path) -> YamlDoc:
+    """Read a YAML mapping with ``safe_load`` semantics; a missing file or a syntax error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    lines: dict[tuple[str, ...], int] = {}
+    if node is not None:
+        _key_lines(node, (), lines)
+    return YamlDoc(data, str(path), lines)
+
+
+# ------------------------------------------------------------------------------------------------- built-in models
+def builtin_models_dir() -> Path:
+    """``yolo_mobile/models`` inside a wheel; the repo's top-level ``models/`` in a source checkout."""
+    for candidate in (PACKAGE_DIR / "models", PACKAGE_DIR.parent / "models"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"built-in model YAMLs not found next to {PACKAGE_DIR}; is the package installed whole?")
+
+
+def list_builtin_models() -> list[str]:
+    return sorted(p.name for p in builtin_models_dir().glob("*.yaml"))
+
+
+def find_model_yaml(cfg: str | Path) -> Path:
+    """A path that exists wins; otherwise a bare name (with or without .yaml) is looked up among the built-ins."""
+    path = Path(cfg)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+        builtin = builtin_models_dir() / name
+        if builtin.is_file():
+            return builtin
+    raise ConfigError(f"{cfg}: no such model YAML, and no built-in by that name; "
+                      f"built-ins: {', '.join(list_builtin_models())}")
+
+
+# ------------------------------------------------------------------------------------------------ model config
+@dataclass
+class NeckConfig:
+    depth: float = 0.33
+    width: float = 0.25
+    act: str = "silu"
+    sppf_kernel: int = 5
+
+
+@dataclass
+class HeadConfig:
+    reg_max: int = 16
+    act: str = "silu"
+
+
+@dataclass
+class ModelConfig:
+    """A resolved model definition: what a checkpoint stores and ``build_model`` accepts back as a dict."""
+
+    backbone: dict[str, Any]
+    nc: int = 80
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    source: str = field(default="<dict>", compare=False)  # where it was read, for error messages
+    backbone_at: str = field(default="<dict>", compare=False)  # file:line of the backbone key
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["source"], d["backbone_at"]
+        return d
+
+
+MODEL_KEYS = ("nc", "backbone", "neck", "head")
+
+
+def _check_keys(doc: YamlDoc, mapping: dict[str, Any], valid: list[str], *section: str) -> None:
+    for key in mapping:
+        if key not in valid:
+            where = doc.where(*section, str(key))
+            scope = f" in '{'.'.join(section)}'" if section else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{scope}; valid keys: {', '.join(valid)}")
+
+
+def _section(doc: YamlDoc, cls: type, *section: str) -> Any:
+    raw = doc.data.get(section[0]) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{doc.where(*section)}: '{section[0]}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(doc, raw, list(fields), *section)
+    for key, value in raw.items():
+        default = fields[key].default
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if not ok or isinstance(value, bool) != isinstance(default, bool):
+            raise ConfigError(f"{doc.where(*section, key)}: '{section[0]}.{key}' must be a "
+                              f"{type(default).__name__}, got {value!r}")
+    return cls(**raw)
+
+
+def parse_model_config(doc: YamlDoc) -> ModelConfig:
+    data = doc.data
+    _check_keys(doc, data, list(MODEL_KEYS))
+    if "backbone" not in data:
+        raise ConfigError(f"{doc.source}: missing required key 'backbone' (e.g. backbone: {{name: mobilevit}})")
+    backbone = data["backbone"]
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
+        raise ConfigError(f"{doc.where('backbone')}: 'backbone' must be a mapping with a 'name' "
+                          "(e.g. backbone: {name: mobilevit, variant: s})")
+    nc = data.get("nc", 80)
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+        raise ConfigError(f"{doc.where('nc')}: 'nc' must be a positive integer, got {nc!r}")
+    return ModelConfig(backbone=dict(backbone), nc=nc, neck=_section(doc, NeckConfig, "neck"),
+                       head=_section(doc, HeadConfig, "head"), source=doc.source,
+                       backbone_at=doc.where("backbone"))
+
+
+def load_model_config(cfg: str | Path | dict[str, Any] | ModelConfig) -> ModelConfig:
+    """Resolve a model definition given as a path, a built-in name, a dict, or an already parsed config."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    doc = YamlDoc(dict(cfg), "<dict>") if isinstance(cfg, dict) else read_yaml(find_model_yaml(cfg))
+    return parse_model_config(doc)

@@ -1,0 +1,127 @@
+"""Detector = input normalisation -> backbone -> PAN neck -> detection head, built from a model YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .backbones import build_backbone
+from .config import ConfigError, ModelConfig, load_model_config
+from .head import DetectHead
+from .layers import fold_conv_bn
+from .neck import PAN
+
+MAX_STRIDE = 32
+
+
+class Detector(nn.Module):
+    """Takes RGB in [0, 1], shape (B, 3, H, W) with H, W multiples of 32.
+
+    ``train()`` mode returns the head's raw maps; ``eval()`` mode returns ``(B, 4 + nc, N)``
+    (cx, cy, w, h in input pixels, then class scores).
+    """
+
+    def __init__(self, backbone: nn.Module, neck: PAN, head: DetectHead, config: ModelConfig) -> None:
+        super().__init__()
+        mean, std = getattr(backbone, "mean", None), getattr(backbone, "std", None)
+        self.normalize = mean is not None
+        if self.normalize:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.config = config
+        self.nc = head.nc
+        self.strides = list(backbone.strides)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+            check_input(x)
+        if self.normalize:
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return self.head(self.neck(self.backbone(x)))
+
+    @torch.no_grad()
+    def fuse(self) -> Detector:
+        """Prepare for deployment: eval mode, backbone reparameterization, Conv+BN folding. Outputs are unchanged."""
+        if self.fused:
+            return self
+        self.eval()
+        reparameterize = getattr(self.backbone, "reparameterize", None)
+        if callable(reparameterize):
+            reparameterize()
+        fold_conv_bn(self.neck)
+        fold_conv_bn(self.head)
+        self.fused = True
+        return self
+
+    @torch.no_grad()
+    def info(self, imgsz: int | tuple[int, int] = 640) -> dict[str, Any]:
+        """Parameters (total, backbone) and GFLOPs (2 x multiply-adds, as ultralytics reports) at ``imgsz``."""
+        h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+        p = next(self.parameters())
+        return {
+            "params": sum(q.numel() for q in self.parameters()),
+            "backbone_params": sum(q.numel() for q in self.backbone.parameters()),
+            "gflops": count_flops(self, torch.zeros(1, 3, h, w, device=p.device, dtype=p.dtype)) / 1e9,
+            "imgsz": (h, w),
+            "fused": self.fused,
+        }
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that timm's fused attention runs
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one eval forward (2 per multiply-add: convolutions, matmuls and attention)."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+    with counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def check_input(x: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected an RGB batch of shape (B, 3, H, W), got {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % MAX_STRIDE or w % MAX_STRIDE:
+        raise ValueError(f"input height and width must be multiples of {MAX_STRIDE}, got {h}x{w} "
+                         "(letterbox or resize the image first)")
+
+
+def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None = None) -> Detector:
+    """Build a detector from a model YAML path, a built-in name (``"mobilevit_s.yaml"``) or a dict.
+
+    ``nc`` overrides the YAML's number of classes.
+    """
+    config = load_model_config(cfg)
+    if nc is not None:
+        if nc < 1:
+            raise ConfigError(f"nc must be a positive integer, got {nc}")
+        config.nc = nc
+    kwargs = {k: v for k, v in config.backbone.items() if k != "name"}
+    try:
+        backbone = build_backbone(config.backbone["name"], **kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{config.backbone_at}: {e}") from e
+    try:
+        neck = PAN(list(backbone.channels), depth=config.neck.depth, width=config.neck.width, act=config.neck.act,
+                   sppf_kernel=config.neck.sppf_kernel)
+        head = DetectHead(config.nc, neck.channels, list(backbone.strides), reg_max=config.head.reg_max,
+                          act=config.head.act)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: {e}") from e
+    return Detector(backbone, neck, head, config)

@@ -1,0 +1,71 @@
+"""The anchor-free decoupled detection head of YOLOv5u / YOLOv8, with DFL box regression.
+
+Training returns the raw per-level maps (box distribution channels first, then class logits), the layout
+ultralytics' detection loss reads. Eval returns ``(B, 4 + nc, N)``: cx, cy, w, h in input pixels, then class
+scores, the layout of ultralytics' ONNX files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _ultralytics
+from .layers import ConvBNAct
+
+
+class DetectHead(nn.Module):
+    def __init__(self, nc: int, in_channels: list[int], strides: list[int], reg_max: int = 16,
+                 act: str = "silu") -> None:
+        super().__init__()
+        self.nc, self.reg_max, self.strides = nc, reg_max, list(strides)
+        self.no = nc + 4 * reg_max
+        c_box = max(16, in_channels[0] // 4, reg_max * 4)
+        c_cls = max(in_channels[0], min(nc, 100))
+        self.box = nn.ModuleList(
+            nn.Sequential(ConvBNAct(c, c_box, 3, act=act), ConvBNAct(c_box, c_box, 3, act=act),
+                          nn.Conv2d(c_box, 4 * reg_max, 1))
+            for c in in_channels
+        )
+        self.cls = nn.ModuleList(
+            nn.Sequential(ConvBNAct(c, c_cls, 3, act=act), ConvBNAct(c_cls, c_cls, 3, act=act),
+                          nn.Conv2d(c_cls, nc, 1))
+            for c in in_channels
+        )
+        self.register_buffer("bins", torch.arange(reg_max, dtype=torch.float32), persistent=False)
+        self._anchor_cache: tuple | None = None
+        self.init_biases()
+
+    def init_biases(self, imgsz: int = 640) -> None:
+        """Box logits start flat; class logits start at the prior of ~5 objects per image (YOLOv5's rule)."""
+        for box, cls, s in zip(self.box, self.cls, self.strides, strict=True):
+            nn.init.constant_(box[-1].bias, 1.0)
+            nn.init.constant_(cls[-1].bias, math.log(5 / self.nc / (imgsz / s) ** 2))
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+        maps = [torch.cat((box(f), cls(f)), 1) for f, box, cls in zip(feats, self.box, self.cls, strict=True)]
+        return maps if self.training else self.decode(maps)
+
+    def anchors(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchor centres (N, 2) in grid units and their strides (N, 1), cached per input size."""
+        key = (tuple(m.shape[-2:] for m in maps), maps[0].device, maps[0].dtype)
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if tracing or self._anchor_cache is None or self._anchor_cache[0] != key:
+            points, strides = _ultralytics.tal().make_anchors(maps, self.strides, 0.5)
+            if tracing:  # shapes must stay symbolic in an exported graph
+                return points, strides
+            self._anchor_cache = (key, points, strides)
+        return self._anchor_cache[1], self._anchor_cache[2]
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        b = maps[0].shape[0]
+        x = torch.cat([m.flatten(2) for m in maps], 2)  # (B, no, N)
+        box, cls = x.split((4 * self.reg_max, self.nc), 1)
+        # DFL: each side's distance is the expectation of a softmax over reg_max bins
+        dist = box.view(b, 4, self.reg_max, -1).softmax(2)
+        dist = (dist * self.bins.to(dist.dtype).view(1, 1, -1, 1)).sum(2)  # (B, 4, N)
+        points, strides = self.anchors(maps)
+        boxes = _ultralytics.tal().dist2bbox(dist, points.T.unsqueeze(0), xywh=True, dim=1) * strides.T
+        return torch.cat((boxes, cls.sigmoid()), 1)
