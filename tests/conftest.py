@@ -1,5 +1,12 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
 import pytest
 import torch
+
+COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "coco128"
+needs_coco128 = pytest.mark.skipif(not (COCO128 / "coco128.yaml").is_file(), reason="../shared/datasets/coco128 absent")
 
 # Arguments for registered backbones that cannot be built without any; every other backbone is built bare.
 BACKBONE_ARGS = {"timm": {"model": "efficientvit_b0"}}
@@ -21,3 +28,19 @@ def randomize_bn(model: torch.nn.Module) -> None:
             if m.affine:
                 m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+
+
+def make_yolo_dataset(root: Path, labels: dict[str, str | None], names=("a", "b", "c"),
+                      sizes: dict[str, tuple[int, int]] | None = None) -> Path:
+    """A tiny YOLO dataset: one image per key (label text, or None for no label file); returns its data YAML."""
+    rng = np.random.default_rng(0)
+    (root / "images" / "val").mkdir(parents=True, exist_ok=True)
+    (root / "labels" / "val").mkdir(parents=True, exist_ok=True)
+    for stem, text in labels.items():
+        h, w = (sizes or {}).get(stem, (48, 64))
+        cv2.imwrite(str(root / "images" / "val" / f"{stem}.jpg"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        if text is not None:
+            (root / "labels" / "val" / f"{stem}.txt").write_text(text)
+    yaml_path = root / "data.yaml"
+    yaml_path.write_text(f"path: .\ntrain: images/val\nval: images/val\nnames: {list(names)}\n")
+    return yaml_path

@@ -18,6 +18,8 @@ _API = {
     "register_backbone": "yolo_mobile.backbones",
     "Backbone": "yolo_mobile.backbones",
     "list_builtin_models": "yolo_mobile.config",
+    "load_model": "yolo_mobile.engine.checkpoint",
+    "COCOEvaluator": "yolo_mobile.engine.evaluator",
 }
 
 __all__ = ["__version__", *_API]

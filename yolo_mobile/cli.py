@@ -109,6 +109,57 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model_arg(args: argparse.Namespace, nc: int | None = None, names: list[str] | None = None):
+    """The model of ``--weights`` (a checkpoint) or ``--cfg`` (untrained, with ``nc`` classes)."""
+    if args.weights:
+        from .engine.checkpoint import load_model
+
+        model = load_model(args.weights)
+        if nc is not None and model.nc != nc:
+            raise ConfigError(f"{args.weights}: model has {model.nc} classes but the data has {nc}")
+        return model
+    from .detector import build_model
+
+    model = build_model(args.cfg, nc=nc)
+    if names:
+        model.names = list(names)
+    return model
+
+
+def cmd_val(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_data_config
+    from .engine.device import next_run_dir, select_device
+    from .engine.evaluator import COCOEvaluator
+    from .engine.validate import format_table, validate
+
+    # everything the run needs is checked before any model is built or image read
+    data = load_data_config(args.data)
+    evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
+    device = select_device(args.device)
+    model = load_model_arg(args, nc=data.nc, names=data.names).to(device)
+    save_dir = next_run_dir(args.project, args.name)
+    results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
+                       iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
+                       workers=args.workers, save_dir=save_dir, save_json=args.save_json, evaluator=evaluator)
+    print(format_table(results))
+    keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
+    print(json.dumps({k: round(results[k], 4) for k in keys}))
+    ms = results["ms_per_image"]
+    print(f"Speed: {ms['inference']:.1f} ms inference, {ms['nms']:.1f} ms NMS per image at {args.imgsz}")
+    if results["skipped_images"]:
+        print(f"Skipped {results['skipped_images']} unreadable image(s)")
+    print(f"Results saved to {save_dir}")
+    return 0
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--weights", help="a yolo-mobile checkpoint (.pt)")
+    group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model, for pipeline checks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -128,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640, help="square input size for shapes and GFLOPs")
     p.add_argument("--nc", type=int, default=None, help="override the YAML's number of classes")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("val", help="COCO mAP of a model on a dataset split")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="data YAML (ultralytics format: path, train, val, names)")
+    p.add_argument("--split", default="val", help="which split of the data YAML")
+    p.add_argument("--imgsz", type=int, default=640, help="letterbox size (a multiple of 32)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--conf", type=float, default=0.001, help="confidence threshold before NMS")
+    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
+    p.add_argument("--device", default="", help="cpu, or a GPU index such as 0 (default: GPU 0 if present)")
+    p.add_argument("--save-json", action="store_true", help="also write predictions.json (COCO results format)")
+    p.add_argument("--eval-backend", choices=["pycocotools", "faster"], default="pycocotools")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes")
+    p.add_argument("--project", default="runs/val", help="results go to PROJECT/NAME")
+    p.add_argument("--name", default="exp", help="run name (numbered when it exists)")
+    p.set_defaults(func=cmd_val)
     return parser
 
 
@@ -138,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"yolo-mobile: error: {e}", file=sys.stderr)
         return 2
 

@@ -170,3 +170,113 @@ def load_model_config(cfg: str | Path | dict[str, Any] | ModelConfig) -> ModelCo
         return cfg
     doc = YamlDoc(dict(cfg), "<dict>") if isinstance(cfg, dict) else read_yaml(find_model_yaml(cfg))
     return parse_model_config(doc)
+
+
+# ------------------------------------------------------------------------------------------------- data config
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "download",
+             "train_images", "val_images", "test_images")
+
+
+@dataclass
+class Split:
+    """One split: YOLO images (+ labels beside them), or a COCO instances JSON with its image folder."""
+
+    images: list[Path]  # image files (YOLO), or [] for a COCO JSON split
+    coco_json: Path | None = None
+    image_dir: Path | None = None  # COCO JSON: where its file_names are
+
+
+@dataclass
+class DataConfig:
+    """An ultralytics-style data YAML: ``path``, ``train``, ``val``, ``names`` (a list or {id: name})."""
+
+    root: Path
+    names: list[str]
+    splits: dict[str, Any]  # split name -> raw value from the YAML (folder, list of folders, .txt or .json)
+    source: str = "<dict>"
+    doc: YamlDoc | None = field(default=None, repr=False)
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    def split(self, name: str) -> Split:
+        """Resolve a split to its files; a missing folder or an empty split fails with the path and YAML line."""
+        if name not in self.splits or self.splits[name] in (None, ""):
+            raise ConfigError(f"{self.source}: no '{name}' split; it defines {', '.join(self.splits) or 'none'}")
+        where = self.doc.where(name) if self.doc else self.source
+        value = self.splits[name]
+        entries = value if isinstance(value, list) else [value]
+        paths = [self._resolve(str(e)) for e in entries]
+        if len(paths) == 1 and paths[0].suffix == ".json":
+            return self._coco_split(name, paths[0], where)
+        images: list[Path] = []
+        for p in paths:
+            if p.is_dir():
+                images += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            elif p.suffix == ".txt" and p.is_file():
+                lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+                images += [self._resolve(ln) if not ln.startswith("./") else p.parent / ln for ln in lines]
+            else:
+                raise ConfigError(f"{where}: '{name}' path {p} does not exist (expected a folder of images, "
+                                  "a .txt list of images, or a COCO .json)")
+        if not images:
+            raise ConfigError(f"{where}: '{name}' split has no images in {', '.join(map(str, paths))}")
+        return Split(images=images)
+
+    def _coco_split(self, name: str, json_path: Path, where: str) -> Split:
+        if not json_path.is_file():
+            raise ConfigError(f"{where}: '{name}' annotation file {json_path} does not exist")
+        explicit = self.splits.get(f"{name}_images")
+        stem = json_path.stem.removeprefix("instances_")
+        candidates = [self._resolve(str(explicit))] if explicit else [
+            self.root / stem, self.root / "images" / stem, json_path.parent.parent / stem]
+        for c in candidates:
+            if c.is_dir():
+                return Split(images=[], coco_json=json_path, image_dir=c)
+        raise ConfigError(f"{where}: images of {json_path.name} not found in {', '.join(map(str, candidates))}; "
+                          f"set '{name}_images' to their folder")
+
+    def _resolve(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+
+def _names(doc: YamlDoc) -> list[str]:
+    names = doc.data.get("names")
+    if isinstance(names, dict):
+        keys = sorted(names)
+        if keys != list(range(len(keys))):
+            raise ConfigError(f"{doc.where('names')}: 'names' ids must be 0..{len(keys) - 1}, got {keys}")
+        return [str(names[k]) for k in keys]
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    raise ConfigError(f"{doc.where('names') if 'names' in doc.data else doc.source}: 'names' must be a "
+                      "non-empty list or {id: name} mapping")
+
+
+def builtin_data_dir() -> Path | None:
+    for candidate in (PACKAGE_DIR / "data", PACKAGE_DIR.parent / "data"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_data_config(data: str | Path) -> DataConfig:
+    """Read a data YAML; ``path`` is relative to the YAML file (ultralytics' convention)."""
+    path = Path(data)
+    if not path.is_file() and path.parent == Path(".") and (builtin := builtin_data_dir()):
+        path = builtin / (path.name if path.suffix else f"{path.name}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{data}: no such data YAML")
+    doc = read_yaml(path)
+    _check_keys(doc, doc.data, list(DATA_KEYS))
+    names = _names(doc)
+    if "nc" in doc.data and doc.data["nc"] != len(names):
+        raise ConfigError(f"{doc.where('nc')}: nc is {doc.data['nc']} but 'names' has {len(names)} entries")
+    root = Path(str(doc.data.get("path") or "."))
+    root = (root if root.is_absolute() else path.parent / root).resolve()
+    splits = {k: doc.data[k] for k in ("train", "val", "test") if k in doc.data}
+    splits |= {k: doc.data[k] for k in ("train_images", "val_images", "test_images") if k in doc.data}
+    return DataConfig(root=root, names=names, splits=splits, source=str(path), doc=doc)

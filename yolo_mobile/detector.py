@@ -35,6 +35,7 @@ class Detector(nn.Module):
         self.backbone, self.neck, self.head = backbone, neck, head
         self.config = config
         self.nc = head.nc
+        self.names = [str(i) for i in range(self.nc)]  # class names; set from the data or the checkpoint
         self.strides = list(backbone.strides)
         self.fused = False
 
@@ -44,6 +45,12 @@ class Detector(nn.Module):
         if self.normalize:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return self.head(self.neck(self.backbone(x)))
+
+    def save(self, path: str | Path, **extra: Any) -> Path:
+        """Write a checkpoint that ``load_model(path)`` reads (see engine/checkpoint.py for the format)."""
+        from .engine.checkpoint import save_checkpoint
+
+        return save_checkpoint(path, self, **extra)
 
     @torch.no_grad()
     def fuse(self) -> Detector:

@@ -1,0 +1,1 @@
+"""Datasets: YOLO-format and COCO-JSON readers, letterboxing, and (for training) augmentation and sampling."""

@@ -1,0 +1,72 @@
+"""YOLO label files and image files: reading them, and saying exactly what is wrong with a bad one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+class LabelError(ValueError):
+    """A label file that cannot be used; the message names the file and line."""
+
+
+def label_path(image: Path) -> Path:
+    """YOLO's convention: the last 'images' folder in the path becomes 'labels', the suffix becomes .txt."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def read_yolo_labels(path: Path, nc: int) -> np.ndarray:
+    """Rows of (class, cx, cy, w, h), normalised. A missing file means no objects.
+
+    Raises LabelError naming the file and line for a malformed line, a class id outside 0..nc-1,
+    or coordinates outside [0, 1].
+    """
+    if not path.is_file():
+        return np.zeros((0, 5), np.float32)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 5:
+            raise LabelError(f"{path}:{n}: expected 5 values 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            raise LabelError(f"{path}:{n}: not a number in {line.strip()!r}") from None
+        cls = values[0]
+        if cls != int(cls) or not 0 <= cls < nc:
+            raise LabelError(f"{path}:{n}: class id {fields[0]} outside 0..{nc - 1} (the data YAML has {nc} names)")
+        w, h = values[3:]
+        if not all(np.isfinite(values[1:])) or min(values[1:]) < 0 or max(values[1:]) > 1 or w == 0 or h == 0:
+            raise LabelError(f"{path}:{n}: box {fields[1:]} is not normalised xywh inside [0, 1]")
+        rows.append(values)
+    return np.array(rows, np.float32).reshape(-1, 5)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, as stored (no EXIF rotation: labels refer to stored pixels)."""
+    with Image.open(path) as im:
+        return im.size
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 HxWx3, as stored (no EXIF rotation, to match image_size and the labels)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise OSError(f"{path}: cannot read image (missing, corrupt or not an image)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def yolo_to_xyxy(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Normalised cx, cy, w, h -> pixel x1, y1, x2, y2 (the one box format inside the code)."""
+    cx, cy, w, h = (labels[:, i] for i in range(1, 5))
+    return np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)

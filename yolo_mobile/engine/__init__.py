@@ -1,0 +1,1 @@
+"""Training, evaluation and prediction loops, and the pieces they share (post-processing, checkpoints)."""

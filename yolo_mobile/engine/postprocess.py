@@ -1,0 +1,39 @@
+"""Decoded model output -> per-image detections: confidence filter, class-aware NMS, top-k.
+
+Shared by val, detect, export and benchmark, so every path keeps the same boxes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms, box_convert
+
+
+def non_max_suppression(output: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+                        classes: list[int] | None = None, multi_label: bool = False, agnostic: bool = False,
+                        max_candidates: int = 30000) -> list[dict[str, torch.Tensor]]:
+    """``output`` is the model's eval output (B, 4 + nc, N) with cx, cy, w, h boxes.
+
+    Returns per image a dict of ``boxes`` (K, 4) xyxy, ``scores`` (K,) and ``classes`` (K,) int64, best first.
+    ``multi_label`` keeps every class above ``conf`` for a box (what mAP evaluation wants); otherwise the best one.
+    """
+    results = []
+    for pred in output.transpose(1, 2):  # (N, 4 + nc)
+        boxes = box_convert(pred[:, :4], "cxcywh", "xyxy")
+        scores_all = pred[:, 4:]
+        if multi_label:
+            idx, cls = (scores_all > conf).nonzero(as_tuple=True)
+            boxes, scores = boxes[idx], scores_all[idx, cls]
+        else:
+            scores, cls = scores_all.max(1)
+            keep = scores > conf
+            boxes, scores, cls = boxes[keep], scores[keep], cls[keep]
+        if classes is not None:
+            keep = torch.isin(cls, torch.as_tensor(classes, device=cls.device))
+            boxes, scores, cls = boxes[keep], scores[keep], cls[keep]
+        if scores.numel() > max_candidates:
+            top = scores.topk(max_candidates).indices
+            boxes, scores, cls = boxes[top], scores[top], cls[top]
+        keep = batched_nms(boxes.float(), scores.float(), torch.zeros_like(cls) if agnostic else cls, iou)[:max_det]
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "classes": cls[keep]})
+    return results

@@ -1,0 +1,92 @@
+"""Validation: letterbox -> model -> NMS -> boxes back in original pixels -> COCOEvaluator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import load_data_config
+from ..datasets.inference import LetterboxImages, collate_letterboxed
+from ..datasets.letterbox import unletterbox_boxes
+from .evaluator import COCOEvaluator
+from .postprocess import non_max_suppression
+
+log = logging.getLogger(__name__)
+
+
+def split_items(data_yaml: str | Path, split: str, evaluator: COCOEvaluator) -> list[tuple[Any, Path]]:
+    """(image_id, path) for every image the evaluator knows, found on disk the way the data YAML says."""
+    data = load_data_config(data_yaml)
+    part = data.split(split)
+    if part.coco_json is not None:
+        return [(im["id"], part.image_dir / im["file_name"]) for im in evaluator.gt["images"]]
+    return [(p.stem, p) for p in part.images]
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", imgsz: int = 640, batch: int = 32,
+             conf: float = 0.001, iou: float = 0.7, max_det: int = 300, device: torch.device | str = "cpu",
+             backend: str = "pycocotools", workers: int | None = None, save_dir: Path | None = None,
+             save_json: bool = False, evaluator: COCOEvaluator | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` on a split; returns COCOEvaluator.summarize()'s dict plus timing and skipped counts."""
+    if imgsz % 32:
+        raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
+    evaluator = evaluator or COCOEvaluator.from_yolo(data, split, backend=backend)
+    evaluator.reset()
+    items = split_items(data, split, evaluator)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = DataLoader(LetterboxImages(items, imgsz), batch_size=batch, shuffle=False, num_workers=workers,
+                        collate_fn=collate_letterboxed, pin_memory=torch.device(device).type == "cuda")
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    skipped, seconds = 0, {"inference": 0.0, "nms": 0.0}
+    for images, ids, infos, n_bad in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
+        skipped += n_bad
+        if not ids:
+            continue
+        x = images.to(device, non_blocking=True).to(dtype) / 255
+        t0 = time.perf_counter()
+        out = model(x)
+        t1 = time.perf_counter()
+        dets = non_max_suppression(out.float(), conf=conf, iou=iou, max_det=max_det, multi_label=True)
+        seconds["inference"] += t1 - t0
+        seconds["nms"] += time.perf_counter() - t1
+        for d, info in zip(dets, infos, strict=True):
+            d["boxes"] = unletterbox_boxes(d["boxes"], info)
+        evaluator.update(ids, dets)
+    model.train(was_training)
+    if skipped:
+        log.warning("%d unreadable image(s) skipped; their objects count as missed", skipped)
+    results = evaluator.summarize()
+    if not results:  # a non-zero DDP rank
+        return results
+    n = max(1, len(items) - skipped)
+    results["ms_per_image"] = {k: 1000 * v / n for k, v in seconds.items()}
+    results["skipped_images"] = skipped
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        (save_dir / "results.txt").write_text(format_table(results) + "\n")
+        if save_json:
+            evaluator.save_json(save_dir / "predictions.json")
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """All classes, then one row per class that has objects: images, instances, AP50, AP."""
+    head = f"{'class':>22} {'images':>8} {'instances':>10} {'AP50':>8} {'AP50-95':>8}"
+    lines = [head, f"{'all':>22} {results['images']:>8} {results['instances']:>10} "
+                   f"{results['map50']:>8.4f} {results['map']:>8.4f}"]
+    for c in results["per_class"]:
+        if c["instances"]:
+            lines.append(f"{c['name']:>22} {c['images']:>8} {c['instances']:>10} {c['ap50']:>8.4f} {c['ap']:>8.4f}")
+    return "\n".join(lines)
