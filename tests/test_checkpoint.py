@@ -34,7 +34,7 @@ class Payload:
 def test_pickled_code_is_refused_not_run(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"model": Payload(), "config": {}}, f)
+        pickle.dump({"model": Payload(), "config": {}}, f, protocol=2)
     with pytest.raises(ValueError, match=r"evil\.pt: not a yolo-mobile checkpoint that loads safely"):
         load_checkpoint(path)
     import os

@@ -20,6 +20,7 @@ _API = {
     "list_builtin_models": "yolo_mobile.config",
     "load_model": "yolo_mobile.engine.checkpoint",
     "COCOEvaluator": "yolo_mobile.engine.evaluator",
+    "train": "yolo_mobile.engine.trainer",
 }
 
 __all__ = ["__version__", *_API]

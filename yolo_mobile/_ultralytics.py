@@ -32,3 +32,19 @@ def reference_info(yaml_name: str, imgsz: int = 640) -> dict[str, float]:
 
     model = reference_model(yaml_name)
     return {"params": sum(p.numel() for p in model.parameters()), "gflops": get_flops(model, imgsz)}
+
+
+def loss() -> ModuleType:
+    """``ultralytics.utils.loss``: BboxLoss (CIoU + DFL), which takes its arguments explicitly."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics.utils import loss as module
+
+    return module
+
+
+def model_ema(model, decay: float = 0.9999, tau: int = 2000, updates: int = 0):
+    """ultralytics' ModelEMA: an exponential moving average of weights and buffers, warmed up over ``tau``."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    return ModelEMA(model, decay=decay, tau=tau, updates=updates)

@@ -154,6 +154,28 @@ def cmd_val(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .engine.trainer import TrainConfig, Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.resume and not args.cfg:
+        raise ConfigError("train needs --cfg (a model YAML or built-in name) or --resume")
+    given = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
+    config = TrainConfig.from_kwargs(**given) if not args.resume else TrainConfig(device=args.device or "",
+                                                                                  workers=args.workers or 4)
+    save_dir, _ = Trainer(config, resume=args.resume).run()
+    if save_dir is not None:
+        print(f"Results saved to {save_dir}")
+    return 0
+
+
+TRAIN_FLAGS = ("cfg", "data", "epochs", "batch", "imgsz", "device", "workers", "name", "project", "multi_scale",
+               "min_scale", "max_scale", "n_scales", "close_mosaic", "optimizer", "lr0", "seed", "schedule",
+               "val")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--weights", help="a yolo-mobile checkpoint (.pt)")
@@ -196,12 +218,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default="runs/val", help="results go to PROJECT/NAME")
     p.add_argument("--name", default="exp", help="run name (numbered when it exists)")
     p.set_defaults(func=cmd_val)
+
+    p = sub.add_parser("train", help="train a detector (DDP: torchrun --nproc_per_node N -m yolo_mobile train ...)")
+    p.add_argument("--cfg", help="model YAML or built-in name, e.g. mobilevit_s.yaml")
+    p.add_argument("--data", help="data YAML; default: the built-in synthetic 'shapes' set")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch", type=int, help="total batch over all processes (default 16)")
+    p.add_argument("--imgsz", type=int, help="base training and validation size (default 640)")
+    p.add_argument("--device", help="cpu, 0, or 0,1 (with torchrun)")
+    p.add_argument("--workers", type=int, help="data loader processes per rank (default 4)")
+    p.add_argument("--project", help="runs go to PROJECT/NAME (default runs/train)")
+    p.add_argument("--name", help="run name, numbered when it exists (default exp)")
+    p.add_argument("--resume", help="runs/train/<name>/weights/last.pt: continue at the next epoch")
+    p.add_argument("--multi-scale", action="store_true", default=None,
+                   help="variable-batch multi-scale sampler (fewer images per batch at larger sizes)")
+    p.add_argument("--min-scale", type=float)
+    p.add_argument("--max-scale", type=float)
+    p.add_argument("--n-scales", type=int)
+    p.add_argument("--close-mosaic", type=int, help="last epochs without mosaic (default 10)")
+    p.add_argument("--optimizer", choices=["SGD", "AdamW"])
+    p.add_argument("--lr0", type=float, help="initial lr (default 0.01 SGD, 0.002 AdamW)")
+    p.add_argument("--schedule", choices=["linear", "cosine"], help="decay after warm-up (default linear)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-val", dest="val", action="store_false", default=None, help="skip per-epoch validation")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "imgsz", 32) % 32:
+    if (getattr(args, "imgsz", None) or 32) % 32:
         print(f"yolo-mobile: error: --imgsz must be a multiple of 32, got {args.imgsz}", file=sys.stderr)
         return 2
     try:

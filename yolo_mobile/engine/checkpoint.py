@@ -17,7 +17,8 @@ FORMAT_KEYS = ("model", "ema", "optimizer", "config", "names", "epoch", "metrics
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, ema: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int | None = None,
-                    metrics: dict[str, float] | None = None) -> Path:
+                    metrics: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """``extra`` adds plain-data entries (the trainer's scheduler, scaler and arguments, for --resume)."""
     from .. import __version__
 
     if getattr(model, "fused", False):
@@ -33,6 +34,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, ema: nn.Module | None
         "epoch": epoch,
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "version": __version__,
+        **(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)

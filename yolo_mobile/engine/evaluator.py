@@ -47,8 +47,11 @@ class COCOEvaluator:
     """``update(image_ids, predictions)`` per batch, then ``summarize()`` once (on every rank under DDP)."""
 
     def __init__(self, gt: dict[str, Any], image_ids: list[Any], names: list[str], category_ids: list[int],
-                 backend: str = "pycocotools", source: str = "") -> None:
+                 backend: str = "pycocotools", source: str = "", distributed: bool | None = None) -> None:
+        """``distributed``: gather predictions over ranks in ``summarize()``; None means whenever torch.distributed
+        is initialised. False when only one rank evaluates (a trainer validating on rank 0)."""
         _coco_api(backend)  # fail now, not after a whole validation run
+        self.distributed = distributed
         self.gt, self.names, self.category_ids = gt, names, category_ids
         self.image_ids = image_ids
         self.backend, self.source = backend, source
@@ -58,12 +61,13 @@ class COCOEvaluator:
 
     # ---------------------------------------------------------------------------------------- ground truth
     @classmethod
-    def from_yolo(cls, data_yaml: str | Path, split: str = "val", backend: str = "pycocotools") -> COCOEvaluator:
+    def from_yolo(cls, data_yaml: str | Path, split: str = "val", backend: str = "pycocotools",
+                  distributed: bool | None = None) -> COCOEvaluator:
         """Ground truth from a YOLO-format split of an ultralytics data YAML; image ids are file stems."""
         data = load_data_config(data_yaml)
         part = data.split(split)
         if part.coco_json is not None:
-            return cls.from_coco_json(part.coco_json, backend=backend)
+            return cls.from_coco_json(part.coco_json, backend=backend, distributed=distributed)
         images, annotations, ids = [], [], []
         seen: dict[str, Path] = {}
         for index, path in enumerate(part.images):
@@ -84,10 +88,11 @@ class COCOEvaluator:
             ids.append(path.stem)
         categories = [{"id": i, "name": n} for i, n in enumerate(data.names)]
         gt = {"images": images, "annotations": annotations, "categories": categories}
-        return cls(gt, ids, data.names, list(range(data.nc)), backend, source=data.source)
+        return cls(gt, ids, data.names, list(range(data.nc)), backend, source=data.source, distributed=distributed)
 
     @classmethod
-    def from_coco_json(cls, path: str | Path, backend: str = "pycocotools") -> COCOEvaluator:
+    def from_coco_json(cls, path: str | Path, backend: str = "pycocotools",
+                       distributed: bool | None = None) -> COCOEvaluator:
         """Ground truth from a COCO ``instances_*.json``; image ids and category ids are COCO's own."""
         path = Path(path)
         if not path.is_file():
@@ -101,7 +106,7 @@ class COCOEvaluator:
             raise ConfigError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
         cats = sorted(gt["categories"], key=lambda c: c["id"])  # class index i <-> i-th category id
         return cls(gt, [im["id"] for im in gt["images"]], [c["name"] for c in cats], [c["id"] for c in cats],
-                   backend, source=str(path))
+                   backend, source=str(path), distributed=distributed)
 
     # ------------------------------------------------------------------------------------------ predictions
     def reset(self) -> None:
@@ -125,9 +130,13 @@ class COCOEvaluator:
             rows[:, 6] = np.asarray(self.category_ids)[classes] if len(classes) else []
             self._dets[self._coco_id[image_id]] = rows
 
+    def _gathers(self) -> bool:
+        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return initialised if self.distributed is None else self.distributed and initialised
+
     def synchronize(self) -> None:
         """Under DDP, gather every rank's predictions on every rank (an image seen twice is kept once)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._gathers():
             gathered: list[dict[int, np.ndarray]] = [{} for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather_object(gathered, self._dets)
             for part in gathered:
@@ -140,7 +149,7 @@ class COCOEvaluator:
     def summarize(self) -> dict[str, Any]:
         """Run COCOeval (bbox). Call on every rank under DDP; rank 0 gets the numbers, the others ``{}``."""
         self.synchronize()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if self._gathers() and torch.distributed.get_rank():
             return {}
         COCO, COCOeval = _coco_api(self.backend)
         per_class_gt = self._gt_counts()

@@ -1,0 +1,432 @@
+"""The training loop, read top to bottom: before_train, then per epoch before_epoch, train_one_epoch,
+after_epoch; then after_train. Config is one plain dataclass; nothing global is changed.
+
+DDP comes from PyTorch's own launcher: ``torchrun --nproc_per_node N -m yolo_mobile train ...``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import _ultralytics
+from ..config import ConfigError, load_data_config
+from ..datasets.detection import AugmentConfig, DetectionDataset, collate_detection, load_split, seed_worker
+from ..datasets.sampler import MultiScaleBatchSampler
+from ..datasets.synthetic import resolve_data
+from ..detector import Detector, build_model
+from ..loss import DetectionLoss
+from .checkpoint import load_checkpoint, save_checkpoint
+from .device import next_run_dir, select_device
+from .evaluator import COCOEvaluator
+from .validate import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run is made of; saved as ``args.yaml`` and in every checkpoint."""
+
+    cfg: str = "mobilenetv3_large.yaml"
+    data: str = "shapes"  # a data YAML, or the built-in synthetic set
+    epochs: int = 100
+    batch: int = 16  # total over all DDP processes
+    imgsz: int = 640
+    device: str = ""
+    workers: int = 4
+    project: str = "runs/train"
+    name: str = "exp"
+    seed: int = 0
+    # multi-scale variable batch
+    multi_scale: bool = False
+    min_scale: float = 0.5
+    max_scale: float = 1.5
+    n_scales: int = 5
+    # optimisation
+    optimizer: str = "SGD"  # SGD (momentum, nesterov) or AdamW
+    lr0: float | None = None  # None: 0.01 for SGD, 0.002 for AdamW
+    lrf: float = 0.01  # final lr = lr0 * lrf
+    schedule: str = "linear"  # linear or cosine decay after warm-up
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 3.0
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    nbs: int = 64  # nominal batch: gradients accumulate until this many images
+    clip_grad: float = 10.0
+    amp: bool = True  # on CUDA only
+    ema_decay: float = 0.9999
+    # loss gains
+    box: float = 7.5
+    cls: float = 0.5
+    dfl: float = 1.5
+    # augmentation
+    close_mosaic: int = 10  # last epochs without mosaic
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # validation
+    val: bool = True
+    val_batch: int | None = None  # default: 2 x batch
+
+    @classmethod
+    def from_kwargs(klass, **kwargs: Any) -> TrainConfig:  # not `cls`: that is the class-loss gain field
+        """Build from keyword arguments; augmentation keys may be given flat. Unknown keys list the valid ones."""
+        aug_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
+        valid = {f.name for f in dataclasses.fields(klass)}
+        unknown = sorted(set(kwargs) - valid - aug_keys)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(sorted(valid | aug_keys))}")
+        aug = kwargs.pop("augment", None)
+        augment = aug if isinstance(aug, AugmentConfig) else AugmentConfig(**(aug or {}))
+        for k in aug_keys & set(kwargs):
+            setattr(augment, k, kwargs.pop(k))
+        config = klass(**kwargs, augment=augment)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.imgsz % 32:
+            raise ConfigError(f"imgsz must be a multiple of 32, got {self.imgsz}")
+        if self.optimizer not in ("SGD", "AdamW"):
+            raise ConfigError(f"unknown optimizer '{self.optimizer}'; valid: SGD, AdamW")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"unknown schedule '{self.schedule}'; valid: linear, cosine")
+        if self.epochs < 1 or self.batch < 1:
+            raise ConfigError("epochs and batch must be at least 1")
+
+
+def _lr_lambda(schedule: str, epochs: int, lrf: float):
+    if schedule == "cosine":
+        return lambda e: ((1 - math.cos(e * math.pi / epochs)) / 2) * (lrf - 1) + 1
+    return lambda e: max(1 - e / epochs, 0) * (1.0 - lrf) + lrf
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weights with decay; norm weights and all biases without (decay on them only hurts)."""
+    decay, no_decay, biases = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if name == "bias":
+                biases.append(p)
+            elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or p.ndim <= 1:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": biases, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: str | Path | None = None) -> None:
+        self.resume_from = Path(resume) if resume else None
+        self.checkpoint = load_checkpoint(self.resume_from) if self.resume_from else None
+        if self.checkpoint is not None:
+            saved = dict(self.checkpoint.get("train_args") or {})
+            if not saved:
+                raise ConfigError(f"{resume}: holds no training state (train_args); it cannot be resumed")
+            config = TrainConfig.from_kwargs(**{**saved, "device": config.device or saved.get("device", ""),
+                                                "workers": config.workers})
+        self.config = config
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> tuple[Path, dict[str, Any]]:
+        self.before_train()
+        try:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                self.before_epoch(epoch)
+                self.train_one_epoch(epoch)
+                self.after_epoch(epoch)
+            return self.after_train()
+        finally:
+            if self.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+    # ------------------------------------------------------------------------------------------ before_train
+    def before_train(self) -> None:
+        c = self.config
+        if self.world_size > 1:
+            cuda = c.device not in ("cpu",) and torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+            self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        else:
+            self.device = select_device(c.device)
+        self.cuda = self.device.type == "cuda"
+        self._seed(c.seed + self.rank)
+
+        self.data_yaml = resolve_data(c.data) if self.main else None
+        if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
+            shared = [str(self.data_yaml) if self.data_yaml else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            self.data_yaml = Path(shared[0])
+        data = load_data_config(self.data_yaml)
+        self.names = data.names
+        self.train_samples = load_split(data, "train")
+        # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
+        self.evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False) if (
+            c.val and self.main) else None
+
+        model = build_model(c.cfg, nc=data.nc)
+        model.names = list(data.names)
+        self.model: Detector = model.to(self.device)
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = _ultralytics.model_ema(self.model, decay=c.ema_decay) if self.main else None
+
+        self.per_rank_batch = max(1, c.batch // self.world_size)
+        lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
+        self.lr0 = lr0
+        accumulate = max(round(c.nbs / c.batch), 1)
+        weight_decay = c.weight_decay * c.batch * accumulate / c.nbs  # decay per image seen stays constant
+        groups = _param_groups(self.model, weight_decay)
+        if c.optimizer == "SGD":
+            self.optimizer = torch.optim.SGD(groups, lr=lr0, momentum=c.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=lr0, betas=(c.momentum, 0.999))
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = lr0
+        self.lf = _lr_lambda(c.schedule, c.epochs, c.lrf)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.cuda)
+        self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
+
+        self.start_epoch, self.best_fitness, self.history = 0, -1.0, []
+        if self.checkpoint is not None:
+            self._load_state(self.checkpoint)
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.local_rank] if self.cuda else None)
+
+        scales = (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
+        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *scales,
+                                              seed=c.seed, rank=self.rank, world_size=self.world_size)
+        self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment)
+        self.loader = self._make_loader()
+
+        if self.main:
+            if self.checkpoint is not None:
+                self.save_dir = self.resume_from.resolve().parent.parent
+            else:
+                self.save_dir = next_run_dir(c.project, c.name)
+            (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
+            resolved = {**dataclasses.asdict(c), "data": str(self.data_yaml), "lr0": lr0,
+                        "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
+            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, device %s",
+                     c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
+                     [s[:3] for s in self.sampler.sizes], self.device)
+        self.t0 = time.time()
+
+    def _make_loader(self) -> DataLoader:
+        c = self.config
+        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=c.workers,
+                          collate_fn=collate_detection, pin_memory=self.cuda, persistent_workers=c.workers > 0,
+                          worker_init_fn=seed_worker if c.workers > 0 else None,
+                          generator=torch.Generator().manual_seed(c.seed + self.rank))
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    @property
+    def model_unwrapped(self) -> Detector:
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.ema.load_state_dict(ckpt["ema"])
+            self.ema.updates = int(ckpt.get("ema_updates", 0))
+        if ckpt.get("optimizer"):
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.best_fitness = float(ckpt.get("best_fitness", -1.0))
+        self.history = list(ckpt.get("history") or [])
+        if self.start_epoch >= self.config.epochs:
+            raise ConfigError(f"{self.resume_from}: training already finished ({self.config.epochs} epochs)")
+        if self.main:
+            log.info("resuming %s at epoch %d", self.resume_from, self.start_epoch + 1)
+
+    # ------------------------------------------------------------------------------------------ each epoch
+    def before_epoch(self, epoch: int) -> None:
+        c = self.config
+        # mosaic is switched off for the last `close_mosaic` epochs: the one place it changes
+        if self.dataset.mosaic and epoch >= c.epochs - c.close_mosaic:
+            if self.main:
+                log.info("closing mosaic for the last %d epochs", c.epochs - epoch)
+            self.dataset.mosaic = False
+            self.loader = self._make_loader()  # persistent workers hold a copy of the dataset
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+
+    def train_one_epoch(self, epoch: int) -> None:
+        c = self.config
+        nb = len(self.sampler)
+        n_warmup = max(round(c.warmup_epochs * nb), 100) if c.warmup_epochs > 0 else 0
+        mean_loss = torch.zeros(3, device=self.device)
+        images_since_step, self.images_seen, self.skipped_steps = 0, 0, 0
+        start = time.time()
+        bar = tqdm(self.loader, total=nb, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.main,
+                   unit="batch", leave=True, dynamic_ncols=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (images, targets) in enumerate(bar):
+            step = i + nb * epoch
+            if step <= n_warmup:
+                self._warmup(step, n_warmup, epoch)
+            h, w = images.shape[-2:]
+            x = images.to(self.device, non_blocking=True)
+            if self.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.float() / 255
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
+                maps = self.model(x)
+            loss, items = self.criterion([m.float() for m in maps], targets.to(self.device, non_blocking=True))
+            if self.world_size > 1:
+                loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
+            self.scaler.scale(loss).backward()
+            mean_loss = (mean_loss * i + items) / (i + 1)
+            images_since_step += self.sampler.batch_size_of(h, w) * self.world_size
+            self.images_seen += len(images) * self.world_size
+            if images_since_step >= c.nbs or i == nb - 1:
+                self._optimizer_step(epoch, i)
+                images_since_step = 0
+            if self.main and (i % 10 == 0 or i == nb - 1):  # a host sync only every 10 batches
+                box, cls, dfl = mean_loss.tolist()
+                mem = f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f}G" if self.cuda else "-"
+                bar.set_postfix(box=f"{box:.3f}", cls=f"{cls:.3f}", dfl=f"{dfl:.3f}", size=f"{h}x{w}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem)
+        bar.close()
+        self.epoch_loss = mean_loss.tolist()
+        self.epoch_time = time.time() - start
+
+    def _warmup(self, step: int, n_warmup: int, epoch: int) -> None:
+        """Linear warm-up: biases come down from warmup_bias_lr, other groups up from 0; momentum rises."""
+        c = self.config
+        for j, g in enumerate(self.optimizer.param_groups):
+            start = c.warmup_bias_lr if j == 2 else 0.0
+            g["lr"] = float(np.interp(step, [0, n_warmup], [start, g["initial_lr"] * self.lf(epoch)]))
+            if c.optimizer == "SGD":
+                g["momentum"] = float(np.interp(step, [0, n_warmup], [c.warmup_momentum, c.momentum]))
+
+    def _optimizer_step(self, epoch: int, i: int) -> None:
+        """Clip, then step only if the gradients are finite: a non-finite loss never reaches the weights."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = nn.utils.clip_grad_norm_(params, self.config.clip_grad)
+        if torch.isfinite(norm):  # one host sync per optimizer step
+            self.scaler.step(self.optimizer)
+            if self.ema is not None:
+                self.ema.update(self.model_unwrapped)
+        else:
+            self.skipped_steps += 1
+            if not self.scaler.is_enabled():  # under AMP an overflow is routine: the scaler lowers its scale
+                log.warning("epoch %d batch %d: non-finite loss or gradient; step skipped, weights unchanged",
+                            epoch + 1, i + 1)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def after_epoch(self, epoch: int) -> None:
+        c = self.config
+        self.scheduler.step()
+        if self.main:
+            metrics: dict[str, Any] = {}
+            if self.evaluator is not None:
+                metrics = validate(self.ema.ema, self.data_yaml, imgsz=c.imgsz, batch=c.val_batch or 2 * c.batch,
+                                   device=self.device, workers=c.workers, evaluator=self.evaluator, progress=True)
+            fitness = metrics.get("map", -self.epoch_loss[0] - self.epoch_loss[2])
+            row = {"epoch": epoch + 1, "time_s": round(self.epoch_time, 1),
+                   "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
+                   "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
+                   "train/dfl_loss": self.epoch_loss[2],
+                   **{f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)},
+                   **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
+                   "skipped_steps": self.skipped_steps}
+            self.history.append(row)
+            self._write_results()
+            if fitness > self.best_fitness:
+                self.best_fitness = fitness
+                self._save("best.pt", epoch, metrics)
+            self._save("last.pt", epoch, metrics)
+            if metrics:
+                log.info("epoch %d: mAP50-95 %.4f mAP50 %.4f, %.1f img/s", epoch + 1, metrics["map"],
+                         metrics["map50"], row["images_per_s"])
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def _save(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
+        scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        save_checkpoint(self.save_dir / "weights" / name, self.model_unwrapped, ema=self.ema.ema,
+                        optimizer=self.optimizer, epoch=epoch, metrics=scalar,
+                        extra={"train_args": dataclasses.asdict(self.config), "scheduler": self.scheduler.state_dict(),
+                               "scaler": self.scaler.state_dict(), "ema_updates": int(self.ema.updates),
+                               "best_fitness": float(self.best_fitness), "history": self.history})
+
+    def _write_results(self) -> None:
+        path = self.save_dir / "results.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            writer.writeheader()
+            writer.writerows(self.history)
+        plot_results(self.history, self.save_dir / "results.png")
+
+    # ----------------------------------------------------------------------------------------- after_train
+    def after_train(self) -> tuple[Path | None, dict[str, Any]]:
+        if not self.main:
+            return None, {}
+        hours = (time.time() - self.t0) / 3600
+        final = dict(self.history[-1]) if self.history else {}
+        final["best_fitness"] = self.best_fitness
+        print(f"\n{self.config.epochs - self.start_epoch} epochs in {hours:.3f} h; "
+              f"best mAP50-95 {max((r['metrics/map'] for r in self.history), default=float('nan')):.4f}; "
+              f"weights in {self.save_dir / 'weights'}")
+        return self.save_dir, final
+
+
+def plot_results(history: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state is touched
+
+    keys = ["train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/map50", "metrics/map", "lr/pg0"]
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(12, 6), tight_layout=True)
+    axes = fig.subplots(2, 3)
+    for ax, key in zip(axes.flat, keys, strict=True):
+        ax.plot(epochs, [r[key] for r in history], marker="o", markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    fig.savefig(path, dpi=100)
+
+
+def train(cfg: str = "mobilenetv3_large.yaml", data: str | None = "shapes", resume: str | Path | None = None,
+          **hyp: Any) -> tuple[Path | None, dict[str, Any]]:
+    """Train as ``yolo-mobile train`` does; returns the run folder and the last epoch's metrics."""
+    config = TrainConfig.from_kwargs(cfg=cfg, data=str(data) if data is not None else "shapes", **hyp)
+    return Trainer(config, resume=resume).run()
