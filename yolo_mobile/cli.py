@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -176,6 +177,51 @@ TRAIN_FLAGS = ("cfg", "data", "epochs", "batch", "imgsz", "device", "workers", "
                "val")
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    import logging
+
+    from .engine.device import next_run_dir, select_device
+    from .engine.predictor import detect, load_backend, resolve_source
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    resolve_source(args.source)  # a missing or unreadable source fails before the model is built
+    device = select_device(args.device)
+    backend = load_backend(args.weights, args.cfg, device, args.half)
+    save_dir = next_run_dir(args.project, args.name)
+    stats = detect(backend, args.source, save_dir, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                   max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
+                   save_json=args.save_json, show=args.show)
+    ms = stats["ms_per_frame"]
+    print(f"{stats['frames']} frames; per frame: {ms['pre']:.1f} ms pre-process, {ms['inference']:.1f} ms "
+          f"inference, {ms['nms']:.1f} ms NMS, {ms['draw']:.1f} ms drawing and saving")
+    if stats["skipped"]:
+        print(f"Skipped {stats['skipped']} unreadable image(s) or frame(s)")
+    print(f"Results saved to {save_dir}")
+    return 130 if stats["interrupted"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.onnx import export_onnx
+
+    if args.weights:
+        from .engine.checkpoint import load_model
+
+        model = load_model(args.weights)
+        output = args.output or Path(args.weights).with_suffix(".onnx")
+    else:
+        from .detector import build_model
+
+        model = build_model(args.cfg)
+        output = args.output or Path(Path(args.cfg).stem + ".onnx")
+    report = export_onnx(model, output, imgsz=args.imgsz, batch=args.batch, dynamic=args.dynamic,
+                         opset=args.opset, simplify=args.simplify, half=args.half, nms=args.nms,
+                         max_det=args.max_det, device=args.device)
+    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB) in {report['export_s']:.1f} s; "
+          f"ONNX Runtime vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
+          f"({', '.join(report['checked'])})")
+    return 0
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--weights", help="a yolo-mobile checkpoint (.pt)")
@@ -242,6 +288,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-val", dest="val", action="store_false", default=None, help="skip per-epoch validation")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("detect", help="detect objects in images, folders, globs, videos, webcams or streams")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--weights", help="a checkpoint (.pt) or an exported model (.onnx)")
+    group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model")
+    p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index (0) or stream URL")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--classes", type=int, nargs="+", help="keep only these class indices")
+    p.add_argument("--batch", type=int, default=1, help="frames per forward pass")
+    p.add_argument("--device", default="", help="cpu or a GPU index")
+    p.add_argument("--half", action="store_true", help="fp16 on CUDA")
+    p.add_argument("--save-txt", action="store_true", help="YOLO labels with confidences, one file per image/frame")
+    p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
+    p.add_argument("--show", action="store_true", help="show frames in a window")
+    p.add_argument("--project", default="runs/detect")
+    p.add_argument("--name", default="exp")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("export", help="export to ONNX and check it against PyTorch")
+    add_model_args(p)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--output", help="file to write (default: the weights' path with .onnx)")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    p.add_argument("--half", action="store_true", help="fp16 weights (exported on CUDA)")
+    p.add_argument("--nms", action="store_true", help="embed NMS: outputs (B, max_det, 6) and a count")
+    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

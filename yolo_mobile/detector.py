@@ -52,6 +52,15 @@ class Detector(nn.Module):
 
         return save_checkpoint(path, self, **extra)
 
+    def predict(self, source: Any, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+                classes: list[int] | None = None, batch: int = 1):
+        """Yield one result per image or frame of ``source`` (image, folder, glob, video, webcam index, URL):
+        ``boxes`` (xyxy, original pixels), ``scores``, ``classes`` and ``names``."""
+        from .engine.predictor import TorchBackend, predict
+
+        device = next(self.parameters()).device
+        yield from predict(TorchBackend(self, device), source, imgsz, conf, iou, max_det, classes, batch)
+
     @torch.no_grad()
     def fuse(self) -> Detector:
         """Prepare for deployment: eval mode, backbone reparameterization, Conv+BN folding. Outputs are unchanged."""

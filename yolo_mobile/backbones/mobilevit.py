@@ -6,8 +6,12 @@ as the paper's SSDLite does: that conv (160 -> 640 for S) only serves the classi
 
 from __future__ import annotations
 
+import types
+
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.mobilevit import MobileVitBlock
 
 from .base import Backbone, pick_variant, register_backbone
 
@@ -23,6 +27,9 @@ class MobileViT(Backbone):
         self.model = timm.create_model(model_name, pretrained=False, drop_path_rate=drop_path_rate)
         self.model.prune_intermediate_layers(STAGES, prune_head=True)
         self.model.final_conv = torch.nn.Identity()  # never run (exclude_final_conv), so drop its weights
+        for block in self.model.modules():
+            if isinstance(block, MobileVitBlock):  # per instance: timm's class is left as it is
+                block.forward = types.MethodType(_traceable_block_forward, block)
         # feature_info describes stage 4 by the final conv it ends in, so read channels off a dry run
         with torch.no_grad():
             feats = self.forward(torch.zeros(1, 3, 64, 64))
@@ -36,3 +43,32 @@ class MobileViT(Backbone):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         # timm interpolates MobileViT's 2x2 patches, so sizes that are not multiples of 64 work too
         return self.model.forward_intermediates(x, indices=STAGES, intermediates_only=True, exclude_final_conv=True)
+
+
+def _traceable_block_forward(self: MobileVitBlock, x: torch.Tensor) -> torch.Tensor:
+    """timm's MobileVitBlock.forward with sizes kept as tensor arithmetic, so an ONNX trace stays valid at any
+    height and width (timm's ``math.ceil`` turns them into constants). Same results in eager mode."""
+    shortcut = x
+    x = self.conv_1x1(self.conv_kxk(x))
+    ph, pw = self.patch_size
+    b, c, h, w = x.shape
+    new_h, new_w = (h + ph - 1) // ph * ph, (w + pw - 1) // pw * pw  # ceil to a multiple of the patch
+    nh, nw = new_h // ph, new_w // pw
+    tracing = torch.jit.is_tracing()
+    resize = tracing or new_h != h or new_w != w  # traced: always (a same-size bilinear resize is the identity)
+    if resize:
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    # unfold: (B, C, H, W) -> (B * P, N, C) with P = ph * pw pixels per patch and N = nh * nw patches
+    x = x.reshape(b * c * nh, ph, nw, pw).transpose(1, 2)
+    x = x.reshape(b, c, nh * nw, self.patch_area).transpose(1, 3).reshape(b * self.patch_area, nh * nw, -1)
+    x = self.norm(self.transformer(x))
+    # fold back
+    x = x.contiguous().view(b, self.patch_area, nh * nw, -1)
+    x = x.transpose(1, 3).reshape(b * c * nh, nw, ph, pw)
+    x = x.transpose(1, 2).reshape(b, c, nh * ph, nw * pw)
+    if resize:
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    x = self.conv_proj(x)
+    if self.conv_fusion is not None:
+        x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+    return x

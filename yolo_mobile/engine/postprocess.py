@@ -6,7 +6,18 @@ Shared by val, detect, export and benchmark, so every path keeps the same boxes.
 from __future__ import annotations
 
 import torch
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert, nms
+
+
+def class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices kept by per-class NMS, best first. Each class is shifted to its own range, measured from the
+    smallest coordinate: torchvision's batched_nms measures from 0 and lets classes overlap when boxes reach
+    past the image's top or left edge (negative coordinates, common before clipping)."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    low, high = boxes.min(), boxes.max()
+    shifted = boxes - low + (classes.to(boxes) * (high - low + 1))[:, None]
+    return nms(shifted, scores, iou)
 
 
 def non_max_suppression(output: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
@@ -34,6 +45,7 @@ def non_max_suppression(output: torch.Tensor, conf: float = 0.25, iou: float = 0
         if scores.numel() > max_candidates:
             top = scores.topk(max_candidates).indices
             boxes, scores, cls = boxes[top], scores[top], cls[top]
-        keep = batched_nms(boxes.float(), scores.float(), torch.zeros_like(cls) if agnostic else cls, iou)[:max_det]
+        keep = class_aware_nms(boxes.float(), scores.float(), torch.zeros_like(cls) if agnostic else cls, iou)
+        keep = keep[:max_det]
         results.append({"boxes": boxes[keep], "scores": scores[keep], "classes": cls[keep]})
     return results

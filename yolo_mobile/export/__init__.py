@@ -1,0 +1,1 @@
+"""Deployment formats. ONNX: ``export_onnx`` in onnx.py."""

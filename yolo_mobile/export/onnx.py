@@ -1,0 +1,181 @@
+"""ONNX export that checks itself: the graph passes onnx.checker, and ONNX Runtime must give what PyTorch gives.
+
+Uses the TorchScript-based exporter (``dynamo=False``): it needs no extra package and exports torchvision's NMS.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from ..engine.postprocess import class_aware_nms
+
+PARITY_TOLERANCE = 1e-3  # max abs difference, float32
+
+
+class ExportError(RuntimeError):
+    """The exported file does not run the same as the PyTorch model."""
+
+
+class DetectorWithNMS(nn.Module):
+    """Model + class-aware NMS in the graph: ``(B, max_det, 6)`` rows of x1, y1, x2, y2, score, class (zero
+    padded) and ``(B,)`` counts. The batch is unrolled when traced, so it is fixed at export."""
+
+    def __init__(self, model: nn.Module, conf: float, iou: float, max_det: int) -> None:
+        super().__init__()
+        self.model, self.conf, self.iou, self.max_det = model, conf, iou, max_det
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nms(self.model(x))
+
+    def nms(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The NMS stage alone, on the model's (B, 4 + nc, N) output."""
+        dets, counts = [], []
+        for pred in out:  # (4 + nc, N) per image
+            boxes = box_convert(pred[:4].T, "cxcywh", "xyxy")
+            scores, classes = pred[4:].max(0)
+            idx = (scores > self.conf).nonzero().flatten()
+            boxes, scores, classes = boxes[idx], scores[idx], classes[idx]
+            keep = class_aware_nms(boxes, scores, classes, self.iou)[: self.max_det]
+            det = torch.cat([boxes[keep], scores[keep, None], classes[keep, None].float()], 1)
+            dets.append(torch.cat([det, det.new_zeros(self.max_det, 6)])[: self.max_det])
+            counts.append((keep >= 0).sum())
+        return torch.stack(dets), torch.stack(counts)
+
+
+def _sample_image(imgsz: int) -> np.ndarray:
+    """A deterministic drawn image (shapes on a background), for checks when no real image is given."""
+    from ..datasets.synthetic import draw_sample
+
+    image, _ = draw_sample(np.random.default_rng(0), imgsz)
+    return image
+
+
+def _inputs(paths: list[Path], batch: int, h: int, w: int) -> torch.Tensor:
+    from ..datasets.labels import read_image
+    from ..datasets.letterbox import letterbox
+
+    images = [read_image(p) for p in paths] or [_sample_image(max(h, w))]
+    boxed = [letterbox(images[k % len(images)], (h, w))[0] for k in range(batch)]
+    return torch.from_numpy(np.stack([b.transpose(2, 0, 1) for b in boxed])).float() / 255
+
+
+def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any = None) -> float:
+    """Max abs difference of ONNX Runtime from PyTorch. With embedded NMS, the model part is compared on the
+    raw outputs (``raw_session``) and the NMS part on identical inputs: PyTorch's NMS applied to ONNX Runtime's
+    raw output. (Comparing end to end would let 1e-5 noise flip greedy NMS decisions among near-equal boxes.)"""
+    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
+    out = session.run(None, feed)
+    if raw_session is None:
+        with torch.no_grad():
+            return float(np.abs(out[0] - module(x).numpy()).max())
+    raw = raw_session.run(None, feed)[0]
+    with torch.no_grad():
+        raw_diff = float(np.abs(raw - module.model(x).numpy()).max())
+        dets, counts = module.nms(torch.from_numpy(raw))
+    if not np.array_equal(out[1], counts.numpy()):
+        raise ExportError(f"embedded NMS kept {out[1].tolist()} detections where PyTorch kept {counts.tolist()}")
+    nms_diff = max((float(np.abs(canonical_order(a) - canonical_order(b)).max()) for a, b in
+                    zip(out[0], dets.numpy(), strict=True)), default=0.0)
+    return max(raw_diff, nms_diff)
+
+
+def canonical_order(dets: np.ndarray) -> np.ndarray:
+    """Detections sorted by score, then coordinates: NMS may list equal scores in either order (keys rounded,
+    so float noise between runtimes does not reorder ties)."""
+    keys = [*np.round(dets[:, [5, 3, 2, 1, 0]], 1).T.tolist(), np.round(-dets[:, 4], 4)]
+    return dets[np.lexsort(keys)]
+
+
+def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False,
+                opset: int = 17, simplify: bool = False, half: bool = False, nms: bool = False, max_det: int = 300,
+                conf: float = 0.25, iou: float = 0.7, device: str = "cpu",
+                check_images: list[str | Path] | None = None) -> dict[str, Any]:
+    """Fuse, export, check with onnx.checker, optionally simplify, then compare ONNX Runtime with PyTorch on a
+    drawn image and ``check_images`` (and, with ``dynamic``, at a second batch and size). Returns a report."""
+    import onnx
+    import onnxruntime as ort
+
+    from .. import __version__
+    from ..engine.device import select_device
+
+    if imgsz % 32:
+        raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
+    dev = select_device(device)
+    if half and dev.type != "cuda":
+        raise ValueError("--half export needs a CUDA device (fp16 convolutions do not run on the CPU)")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fused = copy.deepcopy(model).cpu().float().fuse()  # the caller's model stays as it was
+    module: nn.Module = DetectorWithNMS(fused, conf, iou, max_det) if nms else fused
+    module.eval()
+    export_module = copy.deepcopy(module).to(dev)
+    if half:
+        export_module = export_module.half()
+    x = torch.zeros(batch, 3, imgsz, imgsz, device=dev, dtype=torch.float16 if half else torch.float32)
+    outputs = ["detections", "count"] if nms else ["output0"]
+    axes: dict[str, dict[int, str]] = {}
+    if dynamic:
+        axes["images"] = {2: "height", 3: "width"} if nms else {0: "batch", 2: "height", 3: "width"}
+        if not nms:
+            axes["output0"] = {0: "batch", 2: "anchors"}
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(export_module, (x,), str(output), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=outputs, dynamic_axes=axes or None,
+                          do_constant_folding=True)
+    graph = onnx.load(str(output))
+    onnx.checker.check_model(graph)
+    if simplify:
+        try:
+            import onnxslim
+        except ImportError:
+            raise ImportError("--simplify needs onnxslim: pip install onnxslim") from None
+        graph = onnxslim.slim(graph)
+    names = list(getattr(model, "names", [str(i) for i in range(model.nc)]))
+    meta = {"names": json.dumps(names), "stride": "32", "imgsz": str(imgsz), "batch": str(batch),
+            "dynamic": str(dynamic).lower(), "nms": str(nms).lower(), "max_det": str(max_det), "conf": str(conf),
+            "iou": str(iou), "box_format": "xyxy" if nms else "cxcywh", "producer": f"yolo-mobile {__version__}",
+            "model": json.dumps(model.config.to_dict()) if hasattr(model, "config") else ""}
+    del graph.metadata_props[:]
+    for k, v in meta.items():
+        graph.metadata_props.add(key=k, value=v)
+    onnx.save(graph, str(output))
+    export_s = time.perf_counter() - start
+
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    raw_session = None
+    if nms and not half:  # the model without NMS, for the parity check of each part
+        raw_path = output.with_name(output.stem + ".raw-check.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(fused, (x.cpu().float(),), str(raw_path), dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=["output0"], dynamic_axes=axes or None)
+        raw_session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
+        raw_path.unlink()
+    paths = [Path(p) for p in (check_images or [])]
+    shapes = [(batch, imgsz, imgsz)]
+    if dynamic:
+        shapes.append((batch if nms else batch + 1, imgsz - 64, imgsz + 64))
+    diffs, checked = [], []
+    if not half:  # fp16 runs on the GPU only; its parity is reported by the GPU benchmark instead
+        for b, h, w in shapes:
+            diffs.append(_compare(module, session, torch.rand(b, 3, h, w), raw_session))
+            diffs.append(_compare(module, session, _inputs(paths, b, h, w), raw_session))
+            checked.append(f"random and {'real' if paths else 'drawn'} images at {b}x3x{h}x{w}")
+    worst = max(diffs, default=float("nan"))
+    if diffs and not worst < PARITY_TOLERANCE:
+        raise ExportError(f"{output}: ONNX Runtime differs from PyTorch by {worst:.2e} "
+                          f"(tolerance {PARITY_TOLERANCE:.0e})")
+    return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
+            "checked": checked}
