@@ -117,11 +117,11 @@ def test_python_predict_api(tmp_path):
     assert (r.boxes[:, [0, 2]] <= 70).all() and (r.boxes[:, [1, 3]] <= 50).all()
 
 
-FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml",
+FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml", "emo_1m.yaml",
                {"backbone": {"name": "timm", **BACKBONE_ARGS["timm"]}}]
 
 
-@pytest.mark.parametrize("cfg", FAMILY_CFGS, ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "timm"])
+@pytest.mark.parametrize("cfg", FAMILY_CFGS, ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm"])
 def test_export_parity_static_and_dynamic(tmp_path, cfg):
     model = lively(cfg)
     report = export_onnx(model, tmp_path / "m.onnx", imgsz=320, dynamic=True)

@@ -55,10 +55,13 @@ def test_info_reports_params_and_gflops(cfg):
     info = model.info(imgsz=320)
     assert info["params"] == sum(p.numel() for p in model.parameters())
     assert 0 < info["backbone_params"] < info["params"]
-    # convolutions scale with pixels (4x from 320 to 640); global attention grows faster, with tokens squared
+    # convolutions scale with pixels (4x from 320 to 640); global attention grows faster, with tokens squared;
+    # EMO's windowed attention scales with pixels too, but padding maps to multiples of 7 blurs the ratio
     ratio = model.info(imgsz=640)["gflops"] / info["gflops"]
-    has_attention = cfg.startswith(("mobilevit", "fastvit_sa"))
-    assert ratio > 4.02 if has_attention else ratio == pytest.approx(4, rel=0.01)
+    if cfg.startswith(("mobilevit", "fastvit_sa")):
+        assert ratio > 4.02
+    else:
+        assert ratio == pytest.approx(4, rel=0.1 if cfg.startswith("emo") else 0.01)
 
 
 def test_yolov5n_rebuilds_yolov5nu():

@@ -116,13 +116,14 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[nn.Conv2d, nn.Module]:
     return fused, (nn.Sequential(*rest) if rest else nn.Identity())
 
 
-def fold_conv_bn(model: nn.Module) -> int:
+def fold_conv_bn(model: nn.Module, extra_types: tuple[type, ...] = ()) -> int:
     """Fold every BatchNorm2d that directly follows a Conv2d into the conv's weights; returns how many.
 
     Two patterns are safe to fold without tracing: consecutive children of an ``nn.Sequential`` and the
-    ``conv`` -> ``bn``/``norm`` pair of known Conv-Norm-Act modules. Call in eval mode only.
+    ``conv`` -> ``bn``/``norm`` pair of known Conv-Norm-Act modules (plus ``extra_types``, a backbone's own).
+    Call in eval mode only.
     """
-    known = _conv_norm_types()
+    known = _conv_norm_types() + tuple(extra_types)
     folded = 0
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
