@@ -205,3 +205,29 @@ def test_ddp_two_processes_gloo(shapes, tmp_path):
     rows = read_csv(tmp_path / "ddp" / "results.csv")
     assert len(rows) == 1
     assert not (tmp_path / "ddp2").exists()  # only rank 0 made a run folder
+
+
+def test_coco_json_dataset_trains_and_validates(tmp_path):
+    """A data YAML whose splits are COCO instances files: COCO's category ids map to class indices in order."""
+    import json as _json
+
+    import cv2
+
+    (tmp_path / "val2017").mkdir()
+    images, annotations = [], []
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / "val2017" / f"{i}.jpg"), np.full((60, 80, 3), 40 * i, np.uint8))
+        images.append({"id": 100 + i, "file_name": f"{i}.jpg", "width": 80, "height": 60})
+        annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": [3, 7][i % 2],
+                            "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0})
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]}
+    (tmp_path / "instances_val2017.json").write_text(_json.dumps(gt))
+    data = tmp_path / "coco.yaml"
+    data.write_text("path: .\ntrain: instances_val2017.json\nval: instances_val2017.json\nval_images: val2017\n"
+                    "train_images: val2017\nnames: [three, seven]\n")
+    samples = load_split(load_data_config(data), "train")
+    assert len(samples) == 4 and {int(s.boxes[0, 0]) for s in samples} == {0, 1}  # 3 -> 0, 7 -> 1
+    save_dir, final = train(cfg="yolov5n.yaml", data=str(data), epochs=1, project=str(tmp_path / "runs"),
+                            **{**FAST, "batch": 2})
+    assert final["metrics/map"] >= 0  # validated against the COCO file through pycocotools

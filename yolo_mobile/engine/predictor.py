@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -292,6 +293,9 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
     from tqdm import tqdm
 
     src = resolve_source(source)  # fails before any output folder or model work
+    if show and os.name == "posix" and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        log.warning("--show needs a display; none is set, so frames are only saved")
+        show = False
     save_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {}
     writer, records, draw_s = None, [], 0.0
