@@ -228,6 +228,6 @@ def test_coco_json_dataset_trains_and_validates(tmp_path):
                     "train_images: val2017\nnames: [three, seven]\n")
     samples = load_split(load_data_config(data), "train")
     assert len(samples) == 4 and {int(s.boxes[0, 0]) for s in samples} == {0, 1}  # 3 -> 0, 7 -> 1
-    save_dir, final = train(cfg="yolov5n.yaml", data=str(data), epochs=1, project=str(tmp_path / "runs"),
+    _save_dir, final = train(cfg="yolov5n.yaml", data=str(data), epochs=1, project=str(tmp_path / "runs"),
                             **{**FAST, "batch": 2})
     assert final["metrics/map"] >= 0  # validated against the COCO file through pycocotools
