@@ -178,3 +178,9 @@ def test_pt_and_onnx_give_the_same_detections(tmp_path):
             assert (iou.max(1).values > 0.99).all()
         total += len(a)
     assert total > 0
+
+
+def test_simplified_export_keeps_parity(tmp_path):
+    pytest.importorskip("onnxslim")
+    report = export_onnx(lively("mobilevit_xxs.yaml"), tmp_path / "s.onnx", imgsz=256, dynamic=True, simplify=True)
+    assert report["max_abs_diff"] < 1e-3 and len(report["checked"]) == 2
