@@ -135,7 +135,10 @@ def cmd_val(args: argparse.Namespace) -> int:
     from .engine.evaluator import COCOEvaluator
     from .engine.validate import format_table, validate
 
+    from .datasets.synthetic import resolve_data
+
     # everything the run needs is checked before any model is built or image read
+    args.data = str(resolve_data(args.data))
     data = load_data_config(args.data)
     evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
     device = select_device(args.device)
@@ -250,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("val", help="COCO mAP of a model on a dataset split")
     add_model_args(p)
-    p.add_argument("--data", required=True, help="data YAML (ultralytics format: path, train, val, names)")
+    p.add_argument("--data", required=True, help="data YAML (ultralytics format: path, train, val, names), or shapes")
     p.add_argument("--split", default="val", help="which split of the data YAML")
     p.add_argument("--imgsz", type=int, default=640, help="letterbox size (a multiple of 32)")
     p.add_argument("--batch", type=int, default=32)
