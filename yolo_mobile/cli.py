@@ -131,11 +131,10 @@ def cmd_val(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_data_config
+    from .datasets.synthetic import resolve_data
     from .engine.device import next_run_dir, select_device
     from .engine.evaluator import COCOEvaluator
     from .engine.validate import format_table, validate
-
-    from .datasets.synthetic import resolve_data
 
     # everything the run needs is checked before any model is built or image read
     args.data = str(resolve_data(args.data))
