@@ -184,7 +184,6 @@ class DetectionDataset(Dataset):
         self.samples, self.imgsz, self.augment = samples, imgsz, augment
         self.hyp = hyp or AugmentConfig()
         self.mosaic = augment and self.hyp.mosaic > 0
-        self.unreadable = 0
         self._pipelines: dict[tuple[int, int, bool], A.Compose] = {}
 
     def __len__(self) -> int:
@@ -253,8 +252,7 @@ class DetectionDataset(Dataset):
             j = (i + attempt) % len(self.samples)
             try:
                 return self._get(j, h, w)
-            except OSError as e:  # an image that broke after the scan: use the next one, and count it
-                self.unreadable += 1
+            except OSError as e:  # an image that broke after the scan: use the next one
                 log.warning("skipped unreadable image during training: %s", e)
         raise RuntimeError("no readable image left in the dataset")
 

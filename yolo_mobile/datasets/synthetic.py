@@ -54,9 +54,11 @@ def _shape_points(kind: int, cx: float, cy: float, r: float, angle: float) -> np
     return np.stack([cx + radius * np.cos(a), cy + radius * np.sin(a)], 1)
 
 
-def draw_sample(rng: np.random.Generator, size: int, max_objects: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its labels (class, x1, y1, x2, y2) in pixels; boxes are the exact extent of each drawn shape."""
-    img = _background(rng, size)
+def draw_sample(rng: np.random.Generator, size: int, max_objects: int = 6,
+                background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its labels (class, x1, y1, x2, y2) in pixels; boxes are the exact extent of each drawn shape.
+    ``background`` (size x size x 3 uint8) replaces the random one (tests draw on black to find the shapes)."""
+    img = _background(rng, size) if background is None else background.copy()
     boxes: list[list[float]] = []
     for _ in range(rng.integers(1, max_objects + 1)):
         for _try in range(10):  # shapes do not overlap, so every box is fully visible
