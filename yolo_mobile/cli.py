@@ -79,7 +79,7 @@ def model_table(cfgs: list[str], imgsz: int, compare_ultralytics: bool = False) 
 
     rows = [f"| model | backbone params (M) | detector params (M) | GFLOPs @{imgsz} |", "|---|---:|---:|---:|"]
     for cfg in cfgs:
-        info = build_model(cfg).info(imgsz)
+        info = build_model(cfg, pretrained=False).info(imgsz)
         rows.append(f"| {cfg.removesuffix('.yaml')} | {info['backbone_params'] / 1e6:.2f} | "
                     f"{info['params'] / 1e6:.2f} | {info['gflops']:.2f} |")
     if compare_ultralytics:
@@ -99,7 +99,7 @@ def model_table(cfgs: list[str], imgsz: int, compare_ultralytics: bool = False) 
 def cmd_info(args: argparse.Namespace) -> int:
     from .detector import build_model
 
-    model = build_model(args.cfg, nc=args.nc)
+    model = build_model(args.cfg, nc=args.nc, pretrained=False)
     print(f"{'layer':<32} {'type':<26} {'params':>12}  output (C x H x W) at {args.imgsz}")
     for name, kind, params, shape in layer_table(model, args.imgsz):
         indent = "  " * name.count(".")
@@ -174,9 +174,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_FLAGS = ("cfg", "data", "epochs", "batch", "imgsz", "device", "workers", "name", "project", "multi_scale",
-               "min_scale", "max_scale", "n_scales", "close_mosaic", "optimizer", "lr0", "seed", "schedule",
-               "val")
+TRAIN_FLAGS = ("cfg", "pretrained", "data", "epochs", "batch", "imgsz", "device", "workers", "name", "project",
+               "multi_scale", "min_scale", "max_scale", "n_scales", "close_mosaic", "optimizer", "lr0", "seed",
+               "schedule", "val")
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -221,6 +221,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"Exported {report['path']} ({report['size_mb']:.1f} MB) in {report['export_s']:.1f} s; "
           f"ONNX Runtime vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
           f"({', '.join(report['checked'])})")
+    return 0
+
+
+def cmd_weights_inspect(args: argparse.Namespace) -> int:
+    from .backbones.pretrained import inspect_weights
+
+    info = inspect_weights(args.path)
+    print(f"file:     {info['path']} ({info['size_mb']:.1f} MB)")
+    print(f"format:   {info['format']}")
+    dtypes = ", ".join(f"{k} ({v})" for k, v in info["dtypes"].items())
+    print(f"tensors:  {info['tensors']:,} holding {info['values']:,} values; dtypes {dtypes}")
+    prefixes = ", ".join(f"{k} ({v})" for k, v in list(info["prefixes"].items())[:10])
+    print(f"top-level names: {prefixes}" + (" ..." if len(info["prefixes"]) > 10 else ""))
+    if info["family"] is None:
+        print("family:   not recognised (the timm backbone loads any timm checkpoint of the same model)")
+        return 0
+    print(f"family:   {info['family']} ({info['style']} key names)")
+    if info["variants"]:
+        ranked = sorted(info["variants"].items(), key=lambda kv: -kv[1])
+        print("variants: " + ", ".join(f"{v} {100 * f:.1f}%" for v, f in ranked) + " of the backbone's tensors")
+        best, fraction = ranked[0]
+        strict = "" if fraction >= 0.9 else ", strict: false"
+        print(f"YAML:     backbone: {{name: {info['family']}, variant: {best}, pretrained: {args.path}{strict}}}")
     return 0
 
 
@@ -269,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a detector (DDP: torchrun --nproc_per_node N -m yolo_mobile train ...)")
     p.add_argument("--cfg", help="model YAML or built-in name, e.g. mobilevit_s.yaml")
+    p.add_argument("--pretrained", help="backbone ImageNet weights (.safetensors, .pth, .pt); replaces the "
+                                        "YAML's backbone.pretrained (see weights/README.md)")
     p.add_argument("--data", help="data YAML; default: the built-in synthetic 'shapes' set")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch", type=int, help="total batch over all processes (default 16)")
@@ -325,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-det", type=int, default=300)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("weights", help="pretrained backbone weights files")
+    weights = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = weights.add_parser("inspect", help="format, tensors, and which backbone family and variant a file fits")
+    q.add_argument("path", help="a .safetensors, .pth or .pt file")
+    q.set_defaults(func=cmd_weights_inspect)
     return parser
 
 

@@ -147,6 +147,29 @@ def _section(doc: YamlDoc, cls: type, *section: str) -> Any:
     return cls(**raw)
 
 
+def _check_pretrained(doc: YamlDoc, backbone: dict[str, Any]) -> None:
+    """``backbone.pretrained`` (a weights file) and ``backbone.strict`` (a bool). A relative path is taken from
+    the working directory, or else from the YAML's folder; whether the file exists is checked when it loads."""
+    if "strict" in backbone and not isinstance(backbone["strict"], bool):
+        raise ConfigError(f"{doc.where('backbone', 'strict')}: 'backbone.strict' must be true or false, "
+                          f"got {backbone['strict']!r}")
+    path = backbone.get("pretrained")
+    if path is None:
+        if "strict" in backbone:
+            raise ConfigError(f"{doc.where('backbone', 'strict')}: 'backbone.strict' only applies with "
+                              "'backbone.pretrained: PATH'")
+        backbone.pop("pretrained", None)
+        return
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{doc.where('backbone', 'pretrained')}: 'backbone.pretrained' must be the path of a "
+                          f"weights file (.safetensors, .pth, .pt), got {path!r}")
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute() and not candidate.exists() and doc.source != "<dict>":
+        beside = Path(doc.source).parent / candidate
+        if beside.exists():
+            backbone["pretrained"] = str(beside.resolve())
+
+
 def parse_model_config(doc: YamlDoc) -> ModelConfig:
     data = doc.data
     _check_keys(doc, data, list(MODEL_KEYS))
@@ -156,10 +179,12 @@ def parse_model_config(doc: YamlDoc) -> ModelConfig:
     if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
         raise ConfigError(f"{doc.where('backbone')}: 'backbone' must be a mapping with a 'name' "
                           "(e.g. backbone: {name: mobilevit, variant: s})")
+    backbone = dict(backbone)
+    _check_pretrained(doc, backbone)
     nc = data.get("nc", 80)
     if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
         raise ConfigError(f"{doc.where('nc')}: 'nc' must be a positive integer, got {nc!r}")
-    return ModelConfig(backbone=dict(backbone), nc=nc, neck=_section(doc, NeckConfig, "neck"),
+    return ModelConfig(backbone=backbone, nc=nc, neck=_section(doc, NeckConfig, "neck"),
                        head=_section(doc, HeadConfig, "head"), source=doc.source,
                        backbone_at=doc.where("backbone"))
 

@@ -118,19 +118,40 @@ def check_input(x: torch.Tensor) -> None:
                          "(letterbox or resize the image first)")
 
 
-def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None = None) -> Detector:
+def pretrained_weights(config: ModelConfig, pretrained: bool | str | Path = True) -> str | None:
+    """The weights file a build will load (``pretrained`` as in ``build_model``; a path replaces the YAML's
+    in ``config``), checked to exist so a missing file fails before any work."""
+    if pretrained is False:
+        return None
+    if pretrained is not True:
+        config.backbone["pretrained"] = str(pretrained)
+    weights = config.backbone.get("pretrained")
+    if weights is not None and not Path(weights).expanduser().is_file():
+        raise ConfigError(f"{config.backbone_at}: pretrained weights file {weights} not found")
+    return weights
+
+
+def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None = None,
+                pretrained: bool | str | Path = True) -> Detector:
     """Build a detector from a model YAML path, a built-in name (``"mobilevit_s.yaml"``) or a dict.
 
-    ``nc`` overrides the YAML's number of classes.
+    ``nc`` overrides the YAML's number of classes. ``pretrained``: True loads the file the YAML names under
+    ``backbone.pretrained`` (if any), a path loads that file instead, False loads none (a checkpoint's weights
+    follow). What was loaded is in ``model.pretrained_report``.
     """
+    from .backbones.pretrained import load_pretrained
+
     config = load_model_config(cfg)
     if nc is not None:
         if nc < 1:
             raise ConfigError(f"nc must be a positive integer, got {nc}")
         config.nc = nc
-    kwargs = {k: v for k, v in config.backbone.items() if k != "name"}
+    weights = pretrained_weights(config, pretrained)
+    kwargs = {k: v for k, v in config.backbone.items() if k not in ("name", "pretrained", "strict")}
     try:
         backbone = build_backbone(config.backbone["name"], **kwargs)
+        report = None if weights is None else load_pretrained(
+            backbone, weights, strict=config.backbone.get("strict", True), family=config.backbone["name"])
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"{config.backbone_at}: {e}") from e
     try:
@@ -140,4 +161,6 @@ def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None =
                           act=config.head.act)
     except ValueError as e:
         raise ConfigError(f"{config.source}: {e}") from e
-    return Detector(backbone, neck, head, config)
+    model = Detector(backbone, neck, head, config)
+    model.pretrained_report = report
+    return model

@@ -215,6 +215,7 @@ class EMO(Backbone):
     classifier's ``norm.*`` and ``head.*``."""
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    variants = tuple(CONFIGS)
 
     def __init__(self, variant: str = "1m", drop_path_rate: float = 0.0, window: int = 7) -> None:
         super().__init__()
@@ -227,3 +228,14 @@ class EMO(Backbone):
 
     def reparameterize(self) -> None:
         fold_conv_bn(self, extra_types=(ConvNormAct,))
+
+    @staticmethod
+    def pretrained_style(keys: set[str]) -> str | None:
+        """The official zhangzjn/EMO checkpoints (``stage0.0.convs...`` to ``stage4...``, ``norm``, ``head``)."""
+        if any(k.startswith("stage0.") for k in keys) and any(k.startswith("stage4.") for k in keys):
+            return "official EMO"
+        return None
+
+    def map_pretrained(self, tensors: dict[str, torch.Tensor], style: str | None) -> dict[str, torch.Tensor]:
+        """Our names are the official ones; the classifier's ``norm`` and ``head`` are reported as not used."""
+        return tensors

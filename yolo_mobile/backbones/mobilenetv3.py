@@ -16,6 +16,7 @@ TAPS = {"large": (6, 12, 16)}
 @register_backbone("mobilenetv3")
 class MobileNetV3(Backbone):
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    variants = tuple(TAPS)
 
     def __init__(self, variant: str = "large", reduced_tail: bool = True, width_mult: float = 1.0) -> None:
         super().__init__()
@@ -33,3 +34,15 @@ class MobileNetV3(Backbone):
             if i in self.taps:
                 outs.append(x)
         return outs
+
+    @staticmethod
+    def pretrained_style(keys: set[str]) -> str | None:
+        """torchvision's ``mobilenet_v3_large`` weights: ``features.N.block...`` (and its ``classifier``)."""
+        if any(k.startswith("features.1.block.") for k in keys) and not any(".token_mixer." in k for k in keys):
+            return "torchvision"
+        return None
+
+    def map_pretrained(self, tensors: dict[str, torch.Tensor], style: str | None) -> dict[str, torch.Tensor]:
+        """torchvision names are ours (``features.N``); the classifier and, with the reduced tail, the
+        narrower last blocks do not fit and are reported as skipped."""
+        return tensors

@@ -6,6 +6,7 @@ as the paper's SSDLite does: that conv (160 -> 640 for S) only serves the classi
 
 from __future__ import annotations
 
+import re
 import types
 
 import timm
@@ -21,6 +22,8 @@ STAGES = [2, 3, 4]  # timm stage indices of L3, L4, L5
 
 @register_backbone("mobilevit")
 class MobileViT(Backbone):
+    variants = tuple(VARIANTS)
+
     def __init__(self, variant: str = "s", drop_path_rate: float = 0.0) -> None:
         super().__init__()
         model_name = pick_variant("mobilevit", variant, VARIANTS)
@@ -43,6 +46,18 @@ class MobileViT(Backbone):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         # timm interpolates MobileViT's 2x2 patches, so sizes that are not multiples of 64 work too
         return self.model.forward_intermediates(x, indices=STAGES, intermediates_only=True, exclude_final_conv=True)
+
+
+    @staticmethod
+    def pretrained_style(keys: set[str]) -> str | None:
+        """timm's MobileViT checkpoints (``stages.N.M.transformer...``), the classifier or this backbone."""
+        if any(re.match(r"(model\.)?stages\.\d+\.\d+\.transformer\.", k) for k in keys):
+            return "timm"
+        return None
+
+    def map_pretrained(self, tensors: dict[str, torch.Tensor], style: str | None) -> dict[str, torch.Tensor]:
+        """timm names -> ours: the timm model sits under ``model.``; its final conv and head are not used."""
+        return {k if k.startswith("model.") else f"model.{k}": v for k, v in tensors.items()}
 
 
 def _traceable_block_forward(self: MobileVitBlock, x: torch.Tensor) -> torch.Tensor:

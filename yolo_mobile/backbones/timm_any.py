@@ -7,6 +7,7 @@ import torch
 
 from ..layers import fold_conv_bn
 from .base import DETECTION_STRIDES, Backbone, register_backbone
+from .pretrained import timm_feature_keys
 
 
 @register_backbone("timm")
@@ -32,6 +33,12 @@ class TimmBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.model(x)
         return [feats[i] for i in self.indices]
+
+    def map_pretrained(self, tensors: dict[str, torch.Tensor], style: str | None) -> dict[str, torch.Tensor]:
+        """A timm checkpoint of the same model: names as its feature wrapper holds them."""
+        if isinstance(getattr(self.model, "model", None), torch.nn.Module):  # FeatureGetterNet keeps the model
+            return {f"model.model.{k}": v for k, v in tensors.items()}
+        return timm_feature_keys(tensors, self.model, prefix="model.")
 
     def reparameterize(self) -> None:
         from timm.utils.model import reparameterize_model

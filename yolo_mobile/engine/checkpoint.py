@@ -61,7 +61,7 @@ def load_model(path: str | Path, use_ema: bool = True) -> nn.Module:
     from ..detector import build_model
 
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["config"])
+    model = build_model(checkpoint["config"], pretrained=False)  # the checkpoint holds every weight
     weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") else checkpoint["model"]
     model.load_state_dict(weights)
     if checkpoint.get("names"):

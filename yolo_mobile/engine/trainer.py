@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import _ultralytics
-from ..config import ConfigError, load_data_config
+from ..config import ConfigError, load_data_config, load_model_config
 from ..datasets.detection import AugmentConfig, DetectionDataset, collate_detection, load_split, seed_worker
 from ..datasets.sampler import MultiScaleBatchSampler
 from ..datasets.synthetic import resolve_data
-from ..detector import Detector, build_model
+from ..detector import Detector, build_model, pretrained_weights
 from ..loss import DetectionLoss
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import next_run_dir, select_device
@@ -44,6 +44,7 @@ class TrainConfig:
     """Everything a run is made of; saved as ``args.yaml`` and in every checkpoint."""
 
     cfg: str = "mobilenetv3_large.yaml"
+    pretrained: str | None = None  # backbone ImageNet weights; replaces the YAML's backbone.pretrained
     data: str = "shapes"  # a data YAML, or the built-in synthetic set
     epochs: int = 100
     batch: int = 16  # total over all DDP processes
@@ -176,6 +177,9 @@ class Trainer:
             self.device = select_device(c.device)
         self.cuda = self.device.type == "cuda"
         self._seed(c.seed + self.rank)
+        # a resumed run takes every weight from its checkpoint; a new one checks its backbone weights first
+        model_config = load_model_config(c.cfg)
+        weights = pretrained_weights(model_config, False if self.checkpoint else (c.pretrained or True))
 
         self.data_yaml = resolve_data(c.data) if self.main else None
         if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
@@ -189,7 +193,7 @@ class Trainer:
         self.evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False) if (
             c.val and self.main) else None
 
-        model = build_model(c.cfg, nc=data.nc)
+        model = build_model(model_config, nc=data.nc, pretrained=weights is not None)
         model.names = list(data.names)
         self.model: Detector = model.to(self.device)
         if self.cuda:
