@@ -1,12 +1,29 @@
-"""Timing helpers shared by the benchmark command and scripts: median and p90 latency after warm-up."""
+"""``yolo-mobile benchmark``: params, GFLOPs, latency, throughput, memory and training speed, side by side.
+
+Every row is measured in the same process, on the same input, the same way: our models and (with
+``compare_ultralytics``) ultralytics' YOLOv5nu, YOLOv8n and YOLO11n built from their bundled YAMLs, so ratios
+between rows come from one run on one machine.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import csv
+import ctypes
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+
+ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
+BACKENDS = ("torch", "onnxruntime")
 
 
 def time_fn(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> dict[str, float]:
@@ -21,15 +38,422 @@ def time_fn(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> dict[s
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
 
 
-def onnx_latency(path: str | Path, imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None) -> dict[str, float]:
-    """ONNX Runtime (CPU) latency of one forward pass at ``batch`` x 3 x imgsz x imgsz."""
+def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):
+    """An ONNX Runtime session on the CUDA provider when asked and installed, else the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def onnx_latency(path: str | Path, imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
+                 threads: int | None = None, cuda: bool = False, half: bool = False) -> dict[str, Any]:
+    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz."""
+    session = onnx_session(path, cuda, threads)
     x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
+    if half:
+        x = x.astype(np.float16)
     name = session.get_inputs()[0].name
-    return time_fn(lambda: session.run(None, {name: x}), runs, warmup)
+    result = time_fn(lambda: session.run(None, {name: x}), runs, warmup)
+    result["provider"] = session.get_providers()[0]
+    return result
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to measure. ``cfgs`` are model YAMLs or built-in names; sizes are square inputs."""
+
+    cfgs: list[str]
+    imgsz: list[int] = field(default_factory=lambda: [320, 640])
+    batch: int = 1
+    device: str = "cpu"
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    half: bool = False
+    compile: bool = False
+    compare_ultralytics: bool = False
+    train_speed: bool = False
+    train_batch: int = 16
+    runs: int = 30
+    warmup: int = 5
+    map_file: Path | None = None
+
+    def check(self) -> None:
+        """Everything that can be wrong with the request, before any model is built."""
+        from .config import ConfigError, load_model_config
+        from .engine.device import select_device
+
+        for cfg in self.cfgs:
+            load_model_config(cfg)  # a missing or bad YAML fails here, naming the file
+        unknown = sorted(set(self.backends) - set(BACKENDS))
+        if unknown:
+            raise ConfigError(f"unknown backend(s) {unknown}; valid: {list(BACKENDS)}")
+        for size in self.imgsz:
+            if size <= 0 or size % 32:
+                raise ConfigError(f"--imgsz {size}: sizes must be positive multiples of 32")
+        if self.batch < 1 or self.train_batch < 1 or self.runs < 1 or self.warmup < 0:
+            raise ConfigError("--batch, --train-batch and --runs must be at least 1, --warmup at least 0")
+        device = select_device(self.device)
+        if self.half and device.type != "cuda":
+            raise ConfigError("--half needs a CUDA device (fp16 kernels do not run on the CPU): add --device 0")
+        if "onnxruntime" in self.backends:
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise ConfigError("--backend onnxruntime needs onnxruntime: pip install onnxruntime") from None
+        if self.map_file is not None:
+            read_map_file(self.map_file)
+
+
+def read_map_file(path: str | Path) -> dict[str, float]:
+    """``model,mAP50-95`` rows (a CSV with a header; ``map`` or ``mAP`` also accepted as the column name)."""
+    from .config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: mAP results file not found")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        column = next((c for c in ("mAP50-95", "map", "mAP") if c in columns), None)
+        if "model" not in columns or column is None:
+            raise ConfigError(f"{path}: needs a header with 'model' and 'mAP50-95' columns, found {columns}")
+        scores = {}
+        for line, row in enumerate(reader, start=2):
+            try:
+                scores[row["model"].removesuffix(".yaml")] = float(row[column])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}:{line}: '{row[column]}' is not a number") from None
+    return scores
+
+
+class UltralyticsDetector(nn.Module):
+    """An ultralytics ``DetectionModel`` built from its bundled YAML (no download), measured exactly as ours:
+    eval output ``(B, 4 + nc, N)``, training output our head's per-level maps, ``fuse()`` theirs."""
+
+    def __init__(self, yaml_name: str, nc: int = 80) -> None:
+        from . import _ultralytics
+
+        super().__init__()
+        self.model = _ultralytics.reference_model(yaml_name, nc=nc)
+        self.nc, self.names = nc, [str(i) for i in range(nc)]
+        self.strides = [int(s) for s in self.model.stride]
+        n_backbone = len(self.model.yaml["backbone"])  # their backbone includes SPPF; ours leaves it to the neck
+        self.backbone_params = sum(p.numel() for p in self.model.model[:n_backbone].parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        out = self.model(x)
+        if not self.training:
+            return out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, dict):  # ultralytics 8.4: flattened boxes and scores, plus the level maps
+            joined, maps, start = torch.cat([out["boxes"], out["scores"]], 1), [], 0
+            for feat in out["feats"]:
+                h, w = feat.shape[2:]
+                maps.append(joined[..., start:start + h * w].unflatten(2, (h, w)))
+                start += h * w
+            return maps
+        return out
+
+    def fuse(self) -> UltralyticsDetector:
+        self.eval()
+        self.model.fuse(verbose=False)
+        return self
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the next peak starts from the model
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_forward_memory_mb(fn: Callable[[], object], device) -> float | None:
+    """Memory one call of ``fn`` needs above what is already held (activations and workspace, not weights):
+    CUDA's allocator peak on a GPU; on Linux CPUs the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs). None where neither can be read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return None
+    before = _proc_status_kb("VmRSS")
+    fn()
+    peak = _proc_status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(peak - before, 0) / 1024
+
+
+def _synced(fn: Callable[[], object], device) -> Callable[[], object]:
+    if device.type != "cuda":
+        return fn
+
+    def run() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def _random_targets(batch: int, imgsz: int, nc: int, per_image: int = 8, seed: int = 0):
+    """(B, M, 5) class + xyxy boxes in pixels, like the training loader's padded targets."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(batch, per_image, 2, generator=g) * imgsz
+    sizes = (0.05 + 0.4 * torch.rand(batch, per_image, 2, generator=g)) * imgsz
+    boxes = torch.cat([centers - sizes / 2, centers + sizes / 2], 2).clamp(0, imgsz)
+    classes = torch.randint(0, nc, (batch, per_image, 1), generator=g).float()
+    return torch.cat([classes, boxes], 2)
+
+
+def train_speed(model, imgsz: int, batch: int, device, steps: int = 5, warmup: int = 2,
+                amp: bool = False) -> float:
+    """Training images per second: forward, our detection loss, backward and an SGD step, on random images
+    with random boxes at a fixed ``batch`` (the nominal batch: no accumulation)."""
+    from .engine.trainer import _param_groups
+    from .loss import DetectionLoss
+
+    model = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.SGD(_param_groups(model, 5e-4), lr=0.01, momentum=0.937, nesterov=True)
+    criterion = DetectionLoss(model.nc, list(model.strides))
+    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    targets = _random_targets(batch, imgsz, model.nc).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss, _ = criterion(model(x), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    timing = time_fn(_synced(step, device), runs=steps, warmup=warmup)
+    return batch * 1000 / timing["median_ms"]
+
+
+@dataclass
+class Candidate:
+    """One model to measure: its display name, where it comes from and how to build it (untrained)."""
+
+    name: str
+    source: str
+    build: Callable[[], Any]
+
+
+def candidates(config: BenchmarkConfig) -> list[Candidate]:
+    from .detector import build_model
+
+    models = [Candidate(Path(cfg).name.removesuffix(".yaml"), "yolo-mobile",
+                        lambda cfg=cfg: build_model(cfg, pretrained=False)) for cfg in config.cfgs]
+    if config.compare_ultralytics:
+        models += [Candidate(f"ultralytics {name.removesuffix('.yaml')}", "ultralytics",
+                             lambda name=name: UltralyticsDetector(name)) for name in ULTRALYTICS_MODELS]
+    return models
+
+
+def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
+    """All measurements of one model at one size."""
+    from .detector import count_flops
+    from .engine.device import select_device
+    from .export.onnx import export_onnx
+
+    device = select_device(config.device)
+    model = candidate.build()
+    params = sum(p.numel() for p in model.parameters())
+    backbone_params = getattr(model, "backbone_params", None)
+    if backbone_params is None:
+        backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    row: dict[str, Any] = {
+        "model": candidate.name, "source": candidate.source, "imgsz": imgsz, "device": str(device),
+        "dtype": "float16" if config.half else "float32", "batch": config.batch,
+        "backbone_params_m": backbone_params / 1e6, "params_m": params / 1e6,
+        "gflops": count_flops(model, torch.zeros(1, 3, imgsz, imgsz)) / 1e9,
+    }
+    dtype = torch.float16 if config.half else torch.float32
+    x1 = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
+    xb = torch.rand(config.batch, 3, imgsz, imgsz, device=device, dtype=dtype)
+    if "torch" in config.backends:
+        fused = copy.deepcopy(model).fuse().to(device=device, dtype=dtype).eval()
+        with torch.inference_mode():
+            t = time_fn(_synced(lambda: fused(x1), device), config.runs, config.warmup)
+            row["torch_ms"], row["torch_p90_ms"] = t["median_ms"], t["p90_ms"]
+            tb = t if config.batch == 1 else time_fn(_synced(lambda: fused(xb), device), config.runs, config.warmup)
+            row["throughput"] = config.batch * 1000 / tb["median_ms"]
+            row["peak_mb"] = peak_forward_memory_mb(lambda: fused(xb), device)
+        if config.compile:
+            compiled = torch.compile(fused, dynamic=False)
+            with torch.inference_mode():
+                start = time.perf_counter()
+                compiled(x1)  # the first call compiles
+                row["compile_s"] = time.perf_counter() - start
+                t = time_fn(_synced(lambda: compiled(x1), device), config.runs, config.warmup)
+            row["compiled_ms"], row["compiled_p90_ms"] = t["median_ms"], t["p90_ms"]
+            torch._dynamo.reset()  # compiled graphs hold memory; the next model starts clean
+        del fused
+    if "onnxruntime" in config.backends:
+        path = workdir / f"{candidate.name.replace(' ', '_')}_{imgsz}.onnx"
+        report = export_onnx(model, path, imgsz=imgsz, half=config.half,
+                             device=str(device.index if device.type == "cuda" else "cpu"))
+        row["onnx_max_diff"] = report["max_abs_diff"]
+        t = onnx_latency(path, imgsz, runs=config.runs, warmup=config.warmup, cuda=device.type == "cuda",
+                         half=config.half)
+        row["ort_ms"], row["ort_p90_ms"], row["ort_provider"] = t["median_ms"], t["p90_ms"], t["provider"]
+        path.unlink()
+    if config.train_speed:
+        row["train_img_s"] = train_speed(model, imgsz, config.train_batch, device, amp=config.half)
+        row["train_batch"] = config.train_batch
+    return row
+
+
+def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Measure every model at every size; rows in model order, sizes ascending."""
+    from tqdm import tqdm
+
+    config.check()
+    models = candidates(config)
+    jobs = [(m, s) for m in models for s in sorted(config.imgsz)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="yolo_mobile_bench_") as tmp, torch.inference_mode(False):
+        bar = tqdm(jobs, desc="benchmark", unit="model", disable=not progress)
+        for candidate, imgsz in bar:
+            bar.set_postfix_str(f"{candidate.name} @{imgsz}")
+            rows.append(measure(candidate, imgsz, config, Path(tmp)))
+    return rows
+
+
+COLUMNS: list[tuple[str, str, str]] = [  # key, Markdown header, format
+    ("model", "model", "{}"),
+    ("imgsz", "size", "{}"),
+    ("backbone_params_m", "backbone params (M)", "{:.2f}"),
+    ("params_m", "params (M)", "{:.2f}"),
+    ("gflops", "GFLOPs", "{:.2f}"),
+    ("torch_ms", "torch ms", "{:.1f}"),
+    ("torch_p90_ms", "torch p90", "{:.1f}"),
+    ("compiled_ms", "compiled ms", "{:.1f}"),
+    ("compiled_p90_ms", "compiled p90", "{:.1f}"),
+    ("ort_ms", "ORT ms", "{:.1f}"),
+    ("ort_p90_ms", "ORT p90", "{:.1f}"),
+    ("throughput", "img/s @batch", "{:.1f}"),
+    ("peak_mb", "peak MB", "{:.0f}"),
+    ("train_img_s", "train img/s", "{:.1f}"),
+]
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table with the columns that were measured."""
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
+             "|" + "|".join("---" if k == "model" else "---:" for k, _, _ in cols) + "|"]
+    for r in rows:
+        cells = [("-" if r.get(k) is None else fmt.format(r[k])) for k, _, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
+    """One paragraph under the table: the machine and how each column was measured."""
+    import platform
+
+    device = rows[0]["device"] if rows else config.device
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"{platform.processor() or 'CPU'}"
+    parts = [f"Device {device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads,",
+             f"{rows[0]['dtype'] if rows else 'float32'}. Latency: median and p90 of {config.runs} runs after",
+             f"{config.warmup} warm-up, batch 1, fused model, eager" + (" and torch.compile" if config.compile else ""),
+             "; ONNX Runtime on the ONNX file that `yolo-mobile export` writes" if "onnxruntime" in config.backends
+             else "", f". img/s at batch {config.batch} (torch eager). peak MB: memory one forward at that batch needs",
+             "above the loaded model.", f"train img/s: forward + loss + backward + SGD step at batch "
+             f"{config.train_batch}." if config.train_speed else ""]
+    return " ".join(p for p in parts if p).replace(" ;", ";").replace(" .", ".")
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def latency_key(rows: Iterable[dict[str, Any]]) -> str:
+    """The latency the plot uses: ONNX Runtime's when measured, else eager PyTorch's."""
+    rows = list(rows)
+    return "ort_ms" if any(r.get("ort_ms") is not None for r in rows) else "torch_ms"
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, map_scores: dict[str, float] | None = None) -> Path | None:
+    """Latency against GFLOPs, one panel per size (mAP against latency when ``map_scores`` is given).
+    Drawn on a matplotlib Figure directly: no pyplot, no global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    key = latency_key(rows)
+    if not any(r.get(key) is not None for r in rows):
+        return None
+    sizes = sorted({r["imgsz"] for r in rows})
+    fig = Figure(figsize=(6 * len(sizes), 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    label = "ONNX Runtime" if key == "ort_ms" else "PyTorch eager"
+    for i, size in enumerate(sizes):
+        ax = fig.add_subplot(1, len(sizes), i + 1)
+        for r in (r for r in rows if r["imgsz"] == size and r.get(key) is not None):
+            name = r["model"]
+            if map_scores is not None:
+                score = map_scores.get(name.removeprefix("ultralytics "))
+                if score is None:
+                    continue
+                xy = (r[key], score)
+            else:
+                xy = (r["gflops"], r[key])
+            ours = r["source"] == "yolo-mobile"
+            ax.scatter(*xy, marker="o" if ours else "s", color="tab:blue" if ours else "tab:orange")
+            ax.annotate(name.removeprefix("ultralytics "), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if map_scores is not None:
+            ax.set_xlabel(f"{label} latency (ms)")
+            ax.set_ylabel("mAP50-95")
+        else:
+            ax.set_xlabel("GFLOPs")
+            ax.set_ylabel(f"{label} latency (ms)")
+        ax.set_title(f"{size}x{size}, {rows[0]['device']} (circles: yolo-mobile, squares: ultralytics)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def save_results(rows: list[dict[str, Any]], out: str | Path, config: BenchmarkConfig) -> dict[str, Path]:
+    """results.md (table + how it was measured), results.csv and results.png beside each other."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = out if out.suffix == ".md" else out.with_suffix(".md")
+    md.write_text(format_markdown(rows) + "\n\n" + describe(config, rows) + "\n")
+    files = {"markdown": md, "csv": write_csv(rows, md.with_suffix(".csv"))}
+    scores = read_map_file(config.map_file) if config.map_file else None
+    png = plot(rows, md.with_suffix(".png"), scores)
+    if png is not None:
+        files["plot"] = png
+    return files

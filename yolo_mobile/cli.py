@@ -224,6 +224,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import BenchmarkConfig, format_markdown, run_benchmark, save_results
+    from .config import list_builtin_models
+    from .engine.device import next_run_dir
+
+    config = BenchmarkConfig(cfgs=args.cfg or list_builtin_models(), imgsz=args.imgsz, batch=args.batch,
+                             device=args.device, backends=args.backend, half=args.half, compile=args.compile,
+                             compare_ultralytics=args.compare_ultralytics, train_speed=args.train_speed,
+                             train_batch=args.train_batch, runs=args.runs, warmup=args.warmup,
+                             map_file=args.map)
+    config.check()  # bad YAMLs, sizes, devices and files fail before the first model is built
+    rows = run_benchmark(config)
+    out = Path(args.out) if args.out else next_run_dir("runs/benchmark") / "results.md"
+    files = save_results(rows, out, config)
+    print(format_markdown(rows))
+    print("Wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
 def cmd_weights_inspect(args: argparse.Namespace) -> int:
     from .backbones.pretrained import inspect_weights
 
@@ -356,14 +375,38 @@ def build_parser() -> argparse.ArgumentParser:
     q = weights.add_parser("inspect", help="format, tensors, and which backbone family and variant a file fits")
     q.add_argument("path", help="a .safetensors, .pth or .pt file")
     q.set_defaults(func=cmd_weights_inspect)
+
+    p = sub.add_parser("benchmark", help="params, GFLOPs, latency, throughput, memory and training speed, "
+                                         "side by side (with ultralytics' models on request)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--cfg", nargs="+", help="model YAMLs or built-in names (default: all built-in models)")
+    group.add_argument("--all", action="store_true", help="every built-in model (the default)")
+    p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="square input sizes")
+    p.add_argument("--batch", type=int, default=1, help="batch for the throughput and memory columns")
+    p.add_argument("--device", default="cpu", help="cpu or a GPU index such as 0")
+    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"], default=["torch", "onnxruntime"],
+                   help="PyTorch eager (fused) and/or ONNX Runtime (CUDA provider on a GPU when installed)")
+    p.add_argument("--half", action="store_true", help="fp16 (GPU only)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (the compile time is reported)")
+    p.add_argument("--compare-ultralytics", action="store_true",
+                   help="also measure ultralytics' YOLOv5nu, YOLOv8n, YOLO11n (built from their YAMLs)")
+    p.add_argument("--train-speed", action="store_true", help="training img/s: forward, loss, backward, step")
+    p.add_argument("--train-batch", type=int, default=16, help="batch for --train-speed")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement (after --warmup)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--map", type=Path, help="CSV of model,mAP50-95: the plot shows mAP against latency")
+    p.add_argument("--out", help="results .md (CSV and PNG written beside it); default runs/benchmark/expN/")
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if (getattr(args, "imgsz", None) or 32) % 32:
-        print(f"yolo-mobile: error: --imgsz must be a multiple of 32, got {args.imgsz}", file=sys.stderr)
-        return 2
+    sizes = getattr(args, "imgsz", None)
+    for size in sizes if isinstance(sizes, list) else [sizes or 32]:
+        if size % 32:
+            print(f"yolo-mobile: error: --imgsz must be a multiple of 32, got {size}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:

@@ -1,0 +1,158 @@
+"""The benchmark command: every column is measured (never copied), files are written, bad requests fail early.
+No timing is asserted: only that measurements exist and are consistent with what they measure."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from yolo_mobile import build_model
+from yolo_mobile.benchmark import (
+    BenchmarkConfig,
+    UltralyticsDetector,
+    format_markdown,
+    peak_forward_memory_mb,
+    read_map_file,
+    run_benchmark,
+    save_results,
+)
+from yolo_mobile.cli import main
+from yolo_mobile.config import ConfigError
+from yolo_mobile.loss import DetectionLoss
+
+
+@pytest.fixture(scope="module")
+def rows():
+    config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64, 96], batch=2, runs=2, warmup=1,
+                             train_speed=True, train_batch=2)
+    return config, run_benchmark(config, progress=False)
+
+
+def test_rows_hold_every_measurement(rows):
+    _, result = rows
+    assert [(r["model"], r["imgsz"]) for r in result] == [("yolov5n", 64), ("yolov5n", 96)]
+    info = build_model("yolov5n.yaml").info(96)
+    r = result[1]
+    assert r["params_m"] == pytest.approx(info["params"] / 1e6)
+    assert r["backbone_params_m"] == pytest.approx(info["backbone_params"] / 1e6)
+    assert r["gflops"] == pytest.approx(info["gflops"])
+    for key in ("torch_ms", "torch_p90_ms", "ort_ms", "ort_p90_ms", "throughput", "train_img_s"):
+        assert r[key] > 0, key
+    assert r["torch_p90_ms"] >= r["torch_ms"] and r["ort_p90_ms"] >= r["ort_ms"]
+    assert r["onnx_max_diff"] < 1e-3  # the ONNX file timed is one that passed the parity check
+    assert r["ort_provider"] == "CPUExecutionProvider" and r["batch"] == 2 and r["train_batch"] == 2
+    assert "compiled_ms" not in r  # not asked for
+
+
+def test_markdown_has_measured_columns_only(rows):
+    _, result = rows
+    table = format_markdown(result)
+    header = table.splitlines()[0]
+    assert "ORT ms" in header and "train img/s" in header and "compiled" not in header
+    assert len(table.splitlines()) == 2 + len(result)
+    assert f"{result[0]['gflops']:.2f}" in table.splitlines()[2]
+    torch_only = [{k: v for k, v in r.items() if not k.startswith("ort")} for r in result]
+    assert "ORT" not in format_markdown(torch_only)
+
+
+def test_save_results_writes_markdown_csv_and_plot(rows, tmp_path):
+    config, result = rows
+    files = save_results(result, tmp_path / "out" / "results.md", config)
+    assert set(files) == {"markdown", "csv", "plot"}
+    assert files["markdown"].read_text().startswith("| model | size |")
+    assert "batch 1, fused model" in files["markdown"].read_text()
+    with files["csv"].open() as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["imgsz"]) for r in table] == [64, 96]
+    assert float(table[0]["ort_ms"]) == pytest.approx(result[0]["ort_ms"])
+    assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_map_file_plot_and_errors(rows, tmp_path):
+    config, result = rows
+    good = tmp_path / "map.csv"
+    good.write_text("model,mAP50-95\nyolov5n.yaml,0.28\nmobilevit_s,0.31\n")
+    assert read_map_file(good) == {"yolov5n": 0.28, "mobilevit_s": 0.31}
+    config = BenchmarkConfig(cfgs=config.cfgs, map_file=good)
+    assert "plot" in save_results(result, tmp_path / "m.md", config)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,mAP50-95\nyolov5n,0.2\nyolov5s,high\n")
+    with pytest.raises(ConfigError, match=r"bad.csv:3: 'high' is not a number"):
+        read_map_file(bad)
+    (tmp_path / "cols.csv").write_text("name,score\n")
+    with pytest.raises(ConfigError, match="'model' and 'mAP50-95'"):
+        read_map_file(tmp_path / "cols.csv")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cfgs": ["no_such.yaml"]}, "no_such.yaml: no such model YAML"),
+    ({"backends": ["tensorrt"]}, "unknown backend"),
+    ({"imgsz": [100]}, "multiples of 32"),
+    ({"half": True}, "--half needs a CUDA device"),
+    ({"batch": 0}, "at least 1"),
+    ({"map_file": Path("missing.csv")}, "missing.csv: mAP results file not found"),
+])
+def test_bad_requests_fail_before_work(kwargs, message):
+    config = BenchmarkConfig(**{"cfgs": ["yolov5n.yaml"], **kwargs})
+    with pytest.raises((ConfigError, ValueError), match=message):
+        config.check()
+
+
+def test_ultralytics_model_measured_like_ours():
+    """Eval output in our layout; training output as per-level maps our loss takes (same values as theirs)."""
+    model = UltralyticsDetector("yolov8n.yaml", nc=3)
+    assert model.strides == [8, 16, 32]
+    assert 0 < model.backbone_params < sum(p.numel() for p in model.parameters())
+    x = torch.rand(2, 3, 64, 96)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model.model(x)[0])
+        assert model(x).shape == (2, 4 + 3, (8 * 12) + (4 * 6) + (2 * 3))
+    model.train()
+    maps = model(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 64 + 3, 8, 12), (2, 67, 4, 6), (2, 67, 2, 3)]
+    raw = model.model(x)
+    assert torch.equal(maps[1].flatten(2)[:, :64], raw["boxes"][..., 96:120])
+    assert torch.equal(maps[2].flatten(2)[:, 64:], raw["scores"][..., 120:])
+    targets = torch.tensor([[[0, 4.0, 4.0, 40.0, 30.0], [2, 50.0, 10.0, 90.0, 60.0]]] * 2)
+    loss, terms = DetectionLoss(3, model.strides)(maps, targets)
+    loss.backward()
+    assert torch.isfinite(terms).all() and model.model.model[0].conv.weight.grad is not None
+
+
+def test_compare_ultralytics_rows(tmp_path):
+    config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64], runs=1, warmup=0, backends=["torch"],
+                             compare_ultralytics=True)
+    result = run_benchmark(config, progress=False)
+    assert [r["model"] for r in result] == ["yolov5n", "ultralytics yolov5nu", "ultralytics yolov8n",
+                                            "ultralytics yolo11n"]
+    # YOLOv5nu is the same network as our yolov5n: same parameters (but their 16 fixed DFL weights), same FLOPs
+    assert result[1]["params_m"] * 1e6 - result[0]["params_m"] * 1e6 == pytest.approx(16)
+    assert result[1]["gflops"] == pytest.approx(result[0]["gflops"], rel=1e-3)  # their DFL is a counted conv
+    assert all(r["torch_ms"] > 0 and "ort_ms" not in r for r in result)
+
+
+def test_compile_column():
+    config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64], runs=1, warmup=0, backends=["torch"], compile=True)
+    (row,) = run_benchmark(config, progress=False)
+    assert row["compiled_ms"] > 0 and row["compile_s"] > 0
+
+
+def test_peak_memory_sees_an_allocation():
+    if peak_forward_memory_mb(lambda: None, torch.device("cpu")) is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    mb = peak_forward_memory_mb(lambda: np.ones(100 * 2**20 // 8).sum(), torch.device("cpu"))
+    assert 90 < mb < 400
+
+
+def test_cli_benchmark_writes_files(tmp_path, capsys):
+    out = tmp_path / "bench" / "results.md"
+    assert main(["benchmark", "--cfg", "yolov5n.yaml", "--imgsz", "64", "--runs", "1", "--warmup", "0",
+                 "--backend", "torch", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| yolov5n | 64 |" in printed and "results.csv" in printed
+    assert out.is_file() and out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
+    assert main(["benchmark", "--cfg", "yolov5n.yaml", "--imgsz", "64", "100"]) == 2
+    assert "multiple of 32, got 100" in capsys.readouterr().err
