@@ -124,29 +124,27 @@ class IRMB(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         wh, ww = (self.window, self.window) if self.window > 0 else (h, w)
         pad_b, pad_r = (wh - h % wh) % wh, (ww - w % ww) % ww
         x = F.pad(x, (0, pad_r, 0, pad_b))
         n1, n2 = (h + pad_b) // wh, (w + pad_r) // ww
-        # row r = i * n1 + a belongs to window a: split rows as (i, a), columns as (j, a2)
-        x = x.reshape(b, c, wh, n1, ww, n2).permute(0, 3, 5, 1, 2, 4).reshape(b * n1 * n2, c, wh, ww)
-        bw, tokens = x.shape[0], wh * ww
-        qk = self.qk(x).reshape(bw, 2, self.heads, self.head_dim, tokens).permute(1, 0, 2, 4, 3)
-        q, k = qk[0], qk[1]
-        dropout = self.attn_drop.p if self.training else 0.0
-        if self.attn_pre:
-            values = x.reshape(bw, self.heads, self.head_dim, tokens).transpose(-1, -2)
-            out = F.scaled_dot_product_attention(q, k, values, dropout_p=dropout)
-            out = self.v(out.transpose(-1, -2).reshape(bw, c, wh, ww))
-        else:
-            v = self.v(x)
-            values = v.reshape(bw, self.heads, -1, tokens).transpose(-1, -2)
-            out = F.scaled_dot_product_attention(q, k, values, dropout_p=dropout)
-            out = out.transpose(-1, -2).reshape(bw, -1, wh, ww)
-        cm = out.shape[1]
-        out = out.reshape(b, n1, n2, cm, wh, ww).permute(0, 3, 4, 1, 5, 2).reshape(b, cm, h + pad_b, w + pad_r)
-        return out[:, :, :h, :w]
+
+        # Row r = i * n1 + a belongs to window a (columns likewise). The 1x1 convs commute with moving pixels,
+        # so they run on whole maps and each tensor is regrouped by one permute: 4C channels are moved per block
+        # instead of 5C plus the expanded width (a partition of the input and a reversal after the value conv).
+        def to_windows(t: torch.Tensor, groups: int) -> torch.Tensor:  # -> (b * n1 * n2, groups, wh * ww, d)
+            t = t.reshape(b, groups, t.shape[1] // groups, wh, n1, ww, n2).permute(0, 4, 6, 1, 3, 5, 2)
+            return t.reshape(b * n1 * n2, groups, wh * ww, -1)
+
+        qk = to_windows(self.qk(x), 2 * self.heads)  # padded pixels see the conv's bias, as in the official code
+        q, k = qk[:, : self.heads], qk[:, self.heads:]
+        values = to_windows(x if self.attn_pre else self.v(x), self.heads)
+        out = F.scaled_dot_product_attention(q, k, values, dropout_p=self.attn_drop.p if self.training else 0.0)
+        d = out.shape[-1]
+        out = out.reshape(b, n1, n2, self.heads, wh, ww, d).permute(0, 3, 6, 4, 1, 5, 2)
+        out = out.reshape(b, self.heads * d, h + pad_b, w + pad_r)[:, :, :h, :w]
+        return self.v(out) if self.attn_pre else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
