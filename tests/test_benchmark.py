@@ -62,7 +62,7 @@ def test_save_results_writes_markdown_csv_and_plot(rows, tmp_path):
     files = save_results(result, tmp_path / "out" / "results.md", config)
     assert set(files) == {"markdown", "csv", "plot"}
     assert files["markdown"].read_text().startswith("| model | size |")
-    assert "batch 1, fused model" in files["markdown"].read_text()
+    assert "batch 1, the fused model in channels_last" in files["markdown"].read_text()
     with files["csv"].open() as f:
         table = list(csv.DictReader(f))
     assert [int(r["imgsz"]) for r in table] == [64, 96]

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import csv
 import ctypes
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -275,7 +276,7 @@ def candidates(config: BenchmarkConfig) -> list[Candidate]:
 
 def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
     """All measurements of one model at one size."""
-    from .detector import count_flops
+    from .detector import count_flops, inference_copy
     from .engine.device import select_device
     from .export.onnx import export_onnx
 
@@ -292,10 +293,11 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
         "gflops": count_flops(model, torch.zeros(1, 3, imgsz, imgsz)) / 1e9,
     }
     dtype = torch.float16 if config.half else torch.float32
-    x1 = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
-    xb = torch.rand(config.batch, 3, imgsz, imgsz, device=device, dtype=dtype)
+    x1 = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    xb = torch.rand(config.batch, 3, imgsz, imgsz, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
     if "torch" in config.backends:
-        fused = copy.deepcopy(model).fuse().to(device=device, dtype=dtype).eval()
+        fused = inference_copy(model, device, config.half)  # what `yolo-mobile detect` runs
         with torch.inference_mode():
             t = time_fn(_synced(lambda: fused(x1), device), config.runs, config.warmup)
             row["torch_ms"], row["torch_p90_ms"] = t["median_ms"], t["p90_ms"]
@@ -372,20 +374,36 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
-    """One paragraph under the table: the machine and how each column was measured."""
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
     import platform
 
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
+    """One paragraph under the table: the machine and how each column was measured."""
     device = rows[0]["device"] if rows else config.device
-    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"{platform.processor() or 'CPU'}"
-    parts = [f"Device {device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads,",
-             f"{rows[0]['dtype'] if rows else 'float32'}. Latency: median and p90 of {config.runs} runs after",
-             f"{config.warmup} warm-up, batch 1, fused model, eager" + (" and torch.compile" if config.compile else ""),
-             "; ONNX Runtime on the ONNX file that `yolo-mobile export` writes" if "onnxruntime" in config.backends
-             else "", f". img/s at batch {config.batch} (torch eager). peak MB: memory one forward at that batch needs",
-             "above the loaded model.", f"train img/s: forward + loss + backward + SGD step at batch "
-             f"{config.train_batch}." if config.train_speed else ""]
-    return " ".join(p for p in parts if p).replace(" ;", ";").replace(" .", ".")
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"{cpu_name()}, {os.cpu_count()} cores"
+    dtype = rows[0]["dtype"] if rows else "float32"
+    eager = "eager" + (" and torch.compile" if config.compile else "")
+    text = (f"Device {device} ({where}), torch {torch.__version__} with {torch.get_num_threads()} threads, {dtype}. "
+            f"Latency: median and p90 of {config.runs} runs after {config.warmup} warm-up, batch 1, the fused "
+            f"model in channels_last, {eager}")
+    if "onnxruntime" in config.backends:
+        text += "; ONNX Runtime on the file `yolo-mobile export` writes"
+    text += (f". img/s: batch {config.batch}, torch eager. peak MB: memory one forward at that batch needs above "
+             "the loaded model.")
+    if config.train_speed:
+        text += f" train img/s: forward + loss + backward + SGD step at batch {config.train_batch}."
+    return text
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,17 @@ class Detector(nn.Module):
             "imgsz": (h, w),
             "fused": self.fused,
         }
+
+
+def inference_copy(model: nn.Module, device: torch.device | str = "cpu", half: bool = False) -> nn.Module:
+    """A fused eval-mode copy on ``device`` in channels_last, fp16 when ``half``; the caller's model is left as
+    it was. channels_last lets oneDNN (CPU) and cuDNN (GPU) skip a layout reorder around every convolution:
+    measured 5-40% faster on CPU for our models (see the benchmark section of README)."""
+    fused = copy.deepcopy(model).eval()
+    fuse = getattr(fused, "fuse", None)
+    if callable(fuse):
+        fused = fuse()
+    return fused.to(device=device, dtype=torch.float16 if half else torch.float32, memory_format=torch.channels_last)
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:

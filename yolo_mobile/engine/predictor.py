@@ -172,16 +172,17 @@ class TorchBackend:
         self.device = torch.device(device)
         if half and self.device.type != "cuda":
             raise ValueError("--half needs a CUDA device")
-        self.model = model.to(self.device).eval()
-        if half:
-            self.model = self.model.half()
+        from ..detector import inference_copy
+
+        self.model = inference_copy(model, self.device, half)
         self.dtype = torch.float16 if half else torch.float32
         self.names = list(getattr(model, "names", [str(i) for i in range(model.nc)]))
         self.batch, self.imgsz, self.nms_inside = None, None, False
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.device, self.dtype)).float().cpu()
+        x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu()
 
 
 class OnnxBackend:
