@@ -21,7 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MIN_MATCH = 0.9  # below this fraction of the backbone's tensors, a load is an error unless strict is off
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "params")
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "ema", "model", "net", "module", "params")  # ema: ours, best.pt
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
 
 
