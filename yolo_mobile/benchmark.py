@@ -337,7 +337,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> list[dict[s
     models = candidates(config)
     jobs = [(m, s) for m in models for s in sorted(config.imgsz)]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="yolo_mobile_bench_") as tmp, torch.inference_mode(False):
+    with tempfile.TemporaryDirectory(prefix="yolo_mobile_bench_") as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="model", disable=not progress)
         for candidate, imgsz in bar:
             bar.set_postfix_str(f"{candidate.name} @{imgsz}")

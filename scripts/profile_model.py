@@ -1,0 +1,91 @@
+"""Where a model's time goes: ONNX Runtime's per-operator profile and torch.profiler's, side by side.
+
+    python scripts/profile_model.py --cfg emo_1m.yaml mobilevit_xxs.yaml --imgsz 640 --threads 1
+
+ONNX Runtime: each node's kernel time is the minimum over ``--runs`` runs (robust to a noisy machine), summed by
+operator type. PyTorch: self CPU time per aten operator of the fused channels_last model, over the same runs.
+One thread by default, so the figures add up and do not depend on the other core's load.
+"""
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from yolo_mobile import build_model
+from yolo_mobile.detector import inference_copy
+from yolo_mobile.export.onnx import export_onnx
+
+
+def ort_profile(path: Path, imgsz: int, runs: int, threads: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    for _ in range(runs):
+        session.run(None, {session.get_inputs()[0].name: x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, list[int]] = collections.defaultdict(list)
+    op_of = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]].append(e["dur"])
+            op_of[e["name"]] = e["args"]["op_name"]
+    by_op: collections.Counter = collections.Counter()
+    for node, durations in per_node.items():
+        by_op[op_of[node]] += min(durations) / 1000
+    return dict(by_op.most_common())
+
+
+def torch_profile(model, imgsz: int, runs: int) -> dict[str, float]:
+    x = torch.rand(1, 3, imgsz, imgsz).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)
+        with torch.profiler.profile() as prof:
+            for _ in range(runs):
+                model(x)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {e.key: e.self_cpu_time_total / 1000 / runs for e in rows}
+
+
+def table(title: str, times: dict[str, float], top: int) -> str:
+    total = sum(times.values())
+    lines = [f"{title}: {total:.1f} ms", "| op | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {op} | {ms:.1f} | {100 * ms / total:.1f}% |" for op, ms in list(times.items())[:top]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cfg", nargs="+", required=True)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in args.cfg:
+            model = build_model(cfg, pretrained=False)
+            info = model.info(args.imgsz)
+            path = Path(tmp) / f"{Path(cfg).stem}.onnx"
+            export_onnx(model, path, imgsz=args.imgsz)
+            print(f"## {cfg} at {args.imgsz}: {info['gflops']:.2f} GFLOPs, {args.threads} thread(s)\n")
+            print(table("ONNX Runtime, sum of per-node minimum kernel time", ort_profile(path, args.imgsz, args.runs,
+                                                                                           args.threads), args.top))
+            print()
+            print(table("PyTorch eager, self CPU time per run", torch_profile(inference_copy(model), args.imgsz,
+                                                                                 args.runs), args.top))
+            print()
+
+
+if __name__ == "__main__":
+    main()
