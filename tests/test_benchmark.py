@@ -42,6 +42,7 @@ def test_rows_hold_every_measurement(rows):
         assert r[key] > 0, key
     assert r["torch_p90_ms"] >= r["torch_ms"] and r["ort_p90_ms"] >= r["ort_ms"]
     assert r["onnx_max_diff"] < 1e-3  # the ONNX file timed is one that passed the parity check
+    assert r["onnx_mb"] > 1 and r["export_s"] > 0
     assert r["ort_provider"] == "CPUExecutionProvider" and r["batch"] == 2 and r["train_batch"] == 2
     assert "compiled_ms" not in r  # not asked for
 

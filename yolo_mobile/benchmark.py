@@ -318,7 +318,8 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
         path = workdir / f"{candidate.name.replace(' ', '_')}_{imgsz}.onnx"
         report = export_onnx(model, path, imgsz=imgsz, half=config.half,
                              device=str(device.index if device.type == "cuda" else "cpu"))
-        row["onnx_max_diff"] = report["max_abs_diff"]
+        row["onnx_max_diff"], row["onnx_mb"], row["export_s"] = report["max_abs_diff"], report["size_mb"], \
+            report["export_s"]
         t = onnx_latency(path, imgsz, runs=config.runs, warmup=config.warmup, cuda=device.type == "cuda",
                          half=config.half)
         row["ort_ms"], row["ort_p90_ms"], row["ort_provider"] = t["median_ms"], t["p90_ms"], t["provider"]

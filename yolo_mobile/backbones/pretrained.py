@@ -175,12 +175,13 @@ def _grouped(keys: list[str], limit: int) -> str:
     return shown + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
 
 
-def match_weights(backbone: nn.Module, weights: WeightsFile, family: str = "") -> tuple[LoadReport, dict]:
+def match_weights(backbone: nn.Module, weights: WeightsFile, family: str = "",
+                  guess: tuple[str, str] | None = None) -> tuple[LoadReport, dict]:
     """Map the file's keys to the backbone's and sort them into loaded / missing / unexpected / mismatched.
     Both the family's mapping and the names as they are (a backbone's own state_dict, a yolo-mobile
     checkpoint's ``backbone.*``) are tried; the one that matches more wins."""
     own = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
-    guess = guess_family(weights.tensors)
+    guess = guess or guess_family(weights.tensors)
     candidates: list[tuple[str, dict[str, torch.Tensor]]] = []
     mapper = getattr(backbone, "map_pretrained", None)
     if callable(mapper):  # first, so that it names the style when names as saved match equally well
@@ -211,8 +212,8 @@ def load_pretrained(backbone: nn.Module, path: str | Path, strict: bool = True, 
     False (then it loads what matches and warns); a load that fills nothing always raises, naming the family
     the file looks like."""
     weights = read_weights(path)
-    report, matched = match_weights(backbone, weights, family)
     guess = guess_family(weights.tensors)
+    report, matched = match_weights(backbone, weights, family, guess)
     if not report.loaded or (strict and report.fraction < MIN_MATCH):
         looks = f"its keys look like a {guess[0]} checkpoint ({guess[1]} names)" if guess else \
             "its keys match no known backbone family"
@@ -268,6 +269,6 @@ def inspect_weights(path: str | Path) -> dict[str, Any]:
     builder = BACKBONES.get(guess[0]) if guess[0] in BACKBONES else None
     for variant in getattr(builder, "variants", ()):
         backbone = builder(variant=variant)
-        report, _ = match_weights(backbone, weights, guess[0])
+        report, _ = match_weights(backbone, weights, guess[0], guess)
         info["variants"][variant] = report.fraction
     return info
