@@ -110,12 +110,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model_arg(args: argparse.Namespace, nc: int | None = None, names: list[str] | None = None):
-    """The model of ``--weights`` (a checkpoint) or ``--cfg`` (untrained, with ``nc`` classes)."""
+def load_model_arg(args: argparse.Namespace, nc: int | None = None, names: list[str] | None = None,
+                   trained=None):
+    """The model of ``--weights`` (a checkpoint, or ``trained`` when already loaded) or ``--cfg`` (untrained,
+    with ``nc`` classes)."""
     if args.weights:
         from .engine.checkpoint import load_model
 
-        model = load_model(args.weights)
+        model = trained if trained is not None else load_model(args.weights)
         if nc is not None and model.nc != nc:
             raise ConfigError(f"{args.weights}: model has {model.nc} classes but the data has {nc}")
         return model
@@ -137,11 +139,18 @@ def cmd_val(args: argparse.Namespace) -> int:
     from .engine.validate import format_table, validate
 
     # everything the run needs is checked before any model is built or image read
+    trained = _trained_model(args)
+    if args.data is None:
+        if trained is None or not trained.train_data:
+            raise ConfigError("val needs --data (a data YAML, or shapes)" + (
+                f": {args.weights} does not record its training data" if trained is not None else ""))
+        args.data = trained.train_data
+    args.imgsz = _imgsz(args, trained)
     args.data = str(resolve_data(args.data))
     data = load_data_config(args.data)
     evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
     device = select_device(args.device)
-    model = load_model_arg(args, nc=data.nc, names=data.names).to(device)
+    model = load_model_arg(args, nc=data.nc, names=data.names, trained=trained).to(device)
     save_dir = next_run_dir(args.project, args.name)
     results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
                        iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
@@ -150,25 +159,53 @@ def cmd_val(args: argparse.Namespace) -> int:
     keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
     print(json.dumps({k: round(results[k], 4) for k in keys}))
     ms = results["ms_per_image"]
-    print(f"Speed: {ms['inference']:.1f} ms inference, {ms['nms']:.1f} ms NMS per image at {args.imgsz}")
+    print(f"Speed: {ms['inference']:.1f} ms inference, {ms['nms']:.1f} ms NMS per image at {args.imgsz} "
+          f"on {args.data}")
     if results["skipped_images"]:
         print(f"Skipped {results['skipped_images']} unreadable image(s)")
     print(f"Results saved to {save_dir}")
     return 0
 
 
+def _trained_model(args: argparse.Namespace):
+    """The model of a ``--weights`` checkpoint (its training size and data included), else None."""
+    if not getattr(args, "weights", None) or str(args.weights).endswith(".onnx"):
+        return None
+    from .engine.checkpoint import load_model
+
+    return load_model(args.weights)
+
+
+def _imgsz(args: argparse.Namespace, trained) -> int:
+    """--imgsz, else the size the checkpoint was trained at, else 640."""
+    if args.imgsz is not None:
+        return args.imgsz
+    return int(getattr(trained, "train_imgsz", None) or 640)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
+    import signal
 
-    from .engine.trainer import TrainConfig, Trainer
+    from .engine.trainer import TrainConfig, Trainer, TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.resume and not args.cfg:
         raise ConfigError("train needs --cfg (a model YAML or built-in name) or --resume")
     given = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
     config = TrainConfig.from_kwargs(**given) if not args.resume else TrainConfig(device=args.device or "",
-                                                                                  workers=args.workers or 4)
-    save_dir, _ = Trainer(config, resume=args.resume).run()
+                                                                                  workers=args.workers)
+    def stop_on_sigterm(signum, frame):  # kill or a job scheduler: stop as Ctrl-C does, keeping what is saved
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        save_dir, _ = Trainer(config, resume=args.resume).run()
+    except TrainingInterrupted as stop:
+        print(f"\nyolo-mobile: {stop}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if save_dir is not None:
         print(f"Results saved to {save_dir}")
     return 0
@@ -189,8 +226,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     resolve_source(args.source)  # a missing or unreadable source fails before the model is built
     device = select_device(args.device)
     backend = load_backend(args.weights, args.cfg, device, args.half)
+    imgsz = _imgsz(args, backend)  # a TorchBackend of a checkpoint knows its training size
     save_dir = next_run_dir(args.project, args.name)
-    stats = detect(backend, args.source, save_dir, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+    stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
                    max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
                    save_json=args.save_json, show=args.show)
     ms = stats["ms_per_frame"]
@@ -206,16 +244,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.onnx import export_onnx
 
     if args.weights:
-        from .engine.checkpoint import load_model
-
-        model = load_model(args.weights)
+        model = _trained_model(args)
         output = args.output or Path(args.weights).with_suffix(".onnx")
     else:
         from .detector import build_model
 
         model = build_model(args.cfg)
         output = args.output or Path(Path(args.cfg).stem + ".onnx")
-    report = export_onnx(model, output, imgsz=args.imgsz, batch=args.batch, dynamic=args.dynamic,
+    report = export_onnx(model, output, imgsz=_imgsz(args, model), batch=args.batch, dynamic=args.dynamic,
                          opset=args.opset, simplify=args.simplify, half=args.half, nms=args.nms,
                          max_det=args.max_det, device=args.device)
     print(f"Exported {report['path']} ({report['size_mb']:.1f} MB) in {report['export_s']:.1f} s; "
@@ -294,9 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("val", help="COCO mAP of a model on a dataset split")
     add_model_args(p)
-    p.add_argument("--data", required=True, help="data YAML (ultralytics format: path, train, val, names), or shapes")
+    p.add_argument("--data", help="data YAML (ultralytics format: path, train, val, names), or shapes; "
+                                  "default: the data a --weights checkpoint was trained on")
     p.add_argument("--split", default="val", help="which split of the data YAML")
-    p.add_argument("--imgsz", type=int, default=640, help="letterbox size (a multiple of 32)")
+    p.add_argument("--imgsz", type=int, help="letterbox size, a multiple of 32 (default: the checkpoint's "
+                                             "training size, else 640)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--conf", type=float, default=0.001, help="confidence threshold before NMS")
     p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
@@ -314,11 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="backbone ImageNet weights (.safetensors, .pth, .pt); replaces the "
                                         "YAML's backbone.pretrained (see weights/README.md)")
     p.add_argument("--data", help="data YAML; default: the built-in synthetic 'shapes' set")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch", type=int, help="total batch over all processes (default 16)")
-    p.add_argument("--imgsz", type=int, help="base training and validation size (default 640)")
+    p.add_argument("--epochs", type=int, help="default: the data YAML's suggestion (the built-in set: 10), else 100")
+    p.add_argument("--batch", type=int, help="total batch over all processes (default 16); -1: the largest that "
+                                             "fits in memory, found by a probe step")
+    p.add_argument("--imgsz", type=int, help="base training and validation size (default: the data YAML's "
+                                             "suggestion, the built-in set's own 320; else 640)")
     p.add_argument("--device", help="cpu, 0, or 0,1 (with torchrun)")
-    p.add_argument("--workers", type=int, help="data loader processes per rank (default 4)")
+    p.add_argument("--workers", type=int, help="data loader processes per rank (default: usable CPUs less one, "
+                                               "at most 8)")
     p.add_argument("--project", help="runs go to PROJECT/NAME (default runs/train)")
     p.add_argument("--name", help="run name, numbered when it exists (default exp)")
     p.add_argument("--resume", help="runs/train/<name>/weights/last.pt: continue at the next epoch")
@@ -327,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-scale", type=float)
     p.add_argument("--max-scale", type=float)
     p.add_argument("--n-scales", type=int)
-    p.add_argument("--close-mosaic", type=int, help="last epochs without mosaic (default 10)")
+    p.add_argument("--close-mosaic", type=int, help="last epochs without mosaic (default 10, at most a quarter "
+                                                    "of the epochs)")
     p.add_argument("--optimizer", choices=["SGD", "AdamW"])
     p.add_argument("--lr0", type=float, help="initial lr (default 0.01 SGD, 0.002 AdamW)")
     p.add_argument("--schedule", choices=["linear", "cosine"], help="decay after warm-up (default linear)")
@@ -340,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weights", help="a checkpoint (.pt) or an exported model (.onnx)")
     group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index (0) or stream URL")
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=int, help="inference size (default: the checkpoint's training size, else 640)")
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--iou", type=float, default=0.7)
     p.add_argument("--max-det", type=int, default=300)
@@ -359,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--output", help="file to write (default: the weights' path with .onnx)")
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=int, help="export size (default: the checkpoint's training size, else 640)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--opset", type=int, default=17)
@@ -403,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sizes = getattr(args, "imgsz", None)
-    for size in sizes if isinstance(sizes, list) else [sizes or 32]:
-        if size % 32:
-            print(f"yolo-mobile: error: --imgsz must be a multiple of 32, got {size}", file=sys.stderr)
+    for size in sizes if isinstance(sizes, list) else [32 if sizes is None else sizes]:
+        if size < 32 or size % 32:
+            print(f"yolo-mobile: error: --imgsz must be a positive multiple of 32, got {size}", file=sys.stderr)
             return 2
     try:
         return args.func(args)

@@ -200,7 +200,9 @@ def load_model_config(cfg: str | Path | dict[str, Any] | ModelConfig) -> ModelCo
 # ------------------------------------------------------------------------------------------------- data config
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "download",
-             "train_images", "val_images", "test_images")
+             "train_images", "val_images", "test_images", "imgsz", "epochs")
+# keys a data YAML may set to suggest training defaults for its set (flags and train() keywords override them)
+DATA_DEFAULT_KEYS = ("imgsz", "epochs")
 
 
 @dataclass
@@ -221,6 +223,7 @@ class DataConfig:
     splits: dict[str, Any]  # split name -> raw value from the YAML (folder, list of folders, .txt or .json)
     source: str = "<dict>"
     doc: YamlDoc | None = field(default=None, repr=False)
+    defaults: dict[str, int] = field(default_factory=dict)  # suggested imgsz / epochs for training on this set
 
     @property
     def nc(self) -> int:
@@ -304,4 +307,12 @@ def load_data_config(data: str | Path) -> DataConfig:
     root = (root if root.is_absolute() else path.parent / root).resolve()
     splits = {k: doc.data[k] for k in ("train", "val", "test") if k in doc.data}
     splits |= {k: doc.data[k] for k in ("train_images", "val_images", "test_images") if k in doc.data}
-    return DataConfig(root=root, names=names, splits=splits, source=str(path), doc=doc)
+    defaults = {}
+    for key in DATA_DEFAULT_KEYS:
+        if key in doc.data:
+            value = doc.data[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (key == "imgsz" and value % 32):
+                need = "a positive multiple of 32" if key == "imgsz" else "a positive integer"
+                raise ConfigError(f"{doc.where(key)}: '{key}' must be {need}, got {value!r}")
+            defaults[key] = value
+    return DataConfig(root=root, names=names, splits=splits, source=str(path), doc=doc, defaults=defaults)

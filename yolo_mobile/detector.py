@@ -37,6 +37,9 @@ class Detector(nn.Module):
         self.config = config
         self.nc = head.nc
         self.names = [str(i) for i in range(self.nc)]  # class names; set from the data or the checkpoint
+        # what a trained checkpoint says it was trained with: the defaults of val, detect and export
+        self.train_imgsz: int | None = None
+        self.train_data: str | None = None
         self.strides = list(backbone.strides)
         self.fused = False
 

@@ -1,7 +1,9 @@
 """The one checkpoint format: tensors and plain data only, so ``torch.load(path, weights_only=True)`` reads it.
 
 Keys: ``model`` (state_dict), ``ema`` (state_dict or None), ``optimizer`` (state_dict or None), ``config``
-(the resolved model YAML as a dict), ``names``, ``epoch``, ``metrics``, ``version``.
+(the resolved model YAML as a dict), ``names``, ``epoch``, ``metrics``, ``version``; a training checkpoint
+adds ``imgsz`` and ``data`` (the training size and the absolute data YAML path, which val, detect and export
+default to) and the trainer's state for --resume.
 """
 
 from __future__ import annotations
@@ -66,4 +68,6 @@ def load_model(path: str | Path, use_ema: bool = True) -> nn.Module:
     model.load_state_dict(weights)
     if checkpoint.get("names"):
         model.names = list(checkpoint["names"])
+    model.train_imgsz = checkpoint.get("imgsz")
+    model.train_data = checkpoint.get("data")
     return model.eval()

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,20 @@ from ..loss import DetectionLoss
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import next_run_dir, select_device
 from .evaluator import COCOEvaluator
+from .memory import (
+    WORKER_BYTES,
+    GiB,
+    available_bytes,
+    default_workers,
+    largest_batch,
+    measure_step,
+    random_targets,
+    resident_bytes,
+)
 from .validate import validate
 
 log = logging.getLogger(__name__)
+MEMORY_MARGIN = 0.8  # a training step may use this share of the memory available when it starts
 
 
 @dataclass
@@ -46,11 +58,11 @@ class TrainConfig:
     cfg: str = "mobilenetv3_large.yaml"
     pretrained: str | None = None  # backbone ImageNet weights; replaces the YAML's backbone.pretrained
     data: str = "shapes"  # a data YAML, or the built-in synthetic set
-    epochs: int = 100
-    batch: int = 16  # total over all DDP processes
-    imgsz: int = 640
+    epochs: int | None = None  # None: the data YAML's suggestion (the built-in set: 10), else 100
+    batch: int = 16  # total over all DDP processes; -1: the largest that fits in memory (probed)
+    imgsz: int | None = None  # None: the data YAML's suggestion (the built-in set: 320), else 640
     device: str = ""
-    workers: int = 4
+    workers: int | None = None  # None: the usable CPUs less one per process, at most 8
     project: str = "runs/train"
     name: str = "exp"
     seed: int = 0
@@ -78,7 +90,7 @@ class TrainConfig:
     cls: float = 0.5
     dfl: float = 1.5
     # augmentation
-    close_mosaic: int = 10  # last epochs without mosaic
+    close_mosaic: int | None = None  # last epochs without mosaic; None: 10, at most a quarter of the epochs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # validation
     val: bool = True
@@ -102,14 +114,29 @@ class TrainConfig:
         return config
 
     def check(self) -> None:
-        if self.imgsz % 32:
-            raise ConfigError(f"imgsz must be a multiple of 32, got {self.imgsz}")
+        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
+            raise ConfigError(f"imgsz must be a positive multiple of 32, got {self.imgsz}")
         if self.optimizer not in ("SGD", "AdamW"):
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; valid: SGD, AdamW")
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"unknown schedule '{self.schedule}'; valid: linear, cosine")
-        if self.epochs < 1 or self.batch < 1:
-            raise ConfigError("epochs and batch must be at least 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch < 1 and self.batch != -1:
+            raise ConfigError(f"batch must be at least 1, or -1 for the largest that fits; got {self.batch}")
+        if self.close_mosaic is not None and self.close_mosaic < 0:
+            raise ConfigError(f"close_mosaic must be 0 or more, got {self.close_mosaic}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+
+    def resolved(self, data_defaults: dict[str, int], world_size: int = 1) -> TrainConfig:
+        """Fill the options left to the data and the machine: imgsz and epochs from the data YAML's
+        suggestions (else 640 and 100), workers from the CPUs this process may use."""
+        epochs = self.epochs or data_defaults.get("epochs", 100)
+        return dataclasses.replace(
+            self, imgsz=self.imgsz or data_defaults.get("imgsz", 640), epochs=epochs,
+            close_mosaic=min(10, epochs // 4) if self.close_mosaic is None else self.close_mosaic,
+            workers=default_workers(world_size) if self.workers is None else self.workers)
 
 
 def _lr_lambda(schedule: str, epochs: int, lrf: float):
@@ -135,6 +162,17 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
             {"params": biases, "weight_decay": 0.0}]
 
 
+def fitness(metrics: dict[str, Any], loss: float) -> float:
+    """What best.pt keeps the best of: 0.1 mAP50 + 0.9 mAP50-95; while both are 0 (or there is no validation),
+    minus the training loss, so an untrained-looking later epoch still beats an equally bad earlier one."""
+    score = 0.1 * float(metrics.get("map50", 0.0)) + 0.9 * float(metrics.get("map", 0.0))
+    return score if score > 0 else -float(loss)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where it stopped and how to resume."""
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: str | Path | None = None) -> None:
         self.resume_from = Path(resume) if resume else None
@@ -150,19 +188,42 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.main = self.rank == 0
+        self.save_dir: Path | None = None
+        self.epoch, self.batch_index = 0, 0
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> tuple[Path, dict[str, Any]]:
-        self.before_train()
         try:
+            self.before_train()
             for epoch in range(self.start_epoch, self.config.epochs):
+                self.epoch = epoch
                 self.before_epoch(epoch)
                 self.train_one_epoch(epoch)
                 self.after_epoch(epoch)
             return self.after_train()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted()) from None
+        except BaseException:
+            self._remove_unsaved_run()
+            raise
         finally:
             if self.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+    def _interrupted(self) -> str:
+        """Keep the last completed epoch's last.pt; a run with no checkpoint yet leaves no folder behind."""
+        where = f"stopped at epoch {self.epoch + 1} batch {self.batch_index + 1}"
+        last = self.save_dir / "weights" / "last.pt" if self.save_dir is not None else None
+        if last is not None and last.is_file():
+            return f"{where}; resume with: yolo-mobile train --resume {last}"
+        self._remove_unsaved_run()
+        return f"{where}, before the first checkpoint: nothing was saved"
+
+    def _remove_unsaved_run(self) -> None:
+        """A new run's folder goes when it holds no checkpoint (a stop before epoch 1 ended, or an error)."""
+        if self.main and self.save_dir is not None and self.checkpoint is None and self.save_dir.is_dir() \
+                and not any((self.save_dir / "weights").glob("*.pt")):
+            shutil.rmtree(self.save_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ before_train
     def before_train(self) -> None:
@@ -181,12 +242,13 @@ class Trainer:
         model_config = load_model_config(c.cfg)
         weights = pretrained_weights(model_config, False if self.checkpoint else (c.pretrained or True))
 
-        self.data_yaml = resolve_data(c.data) if self.main else None
+        self.data_yaml = resolve_data(c.data).resolve() if self.main else None
         if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
             shared = [str(self.data_yaml) if self.data_yaml else None]
             torch.distributed.broadcast_object_list(shared, src=0)
             self.data_yaml = Path(shared[0])
         data = load_data_config(self.data_yaml)
+        self.config = c = c.resolved(data.defaults, self.world_size)
         self.names = data.names
         self.train_samples = load_split(data, "train")
         # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
@@ -199,8 +261,13 @@ class Trainer:
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = _ultralytics.model_ema(self.model, decay=c.ema_decay) if self.main else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.cuda)
+        self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
 
-        self.per_rank_batch = max(1, c.batch // self.world_size)
+        scales = (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
+        self.per_rank_batch = self._fit_batch(scales)
+        self.config = c = dataclasses.replace(c, batch=self.per_rank_batch * self.world_size)
+
         lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
         self.lr0 = lr0
         accumulate = max(round(c.nbs / c.batch), 1)
@@ -214,17 +281,14 @@ class Trainer:
             g["initial_lr"] = lr0
         self.lf = _lr_lambda(c.schedule, c.epochs, c.lrf)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.cuda)
-        self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
 
-        self.start_epoch, self.best_fitness, self.history = 0, -1.0, []
+        self.start_epoch, self.best_fitness, self.history = 0, -math.inf, []
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.local_rank] if self.cuda else None)
 
-        scales = (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
         self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *scales,
                                               seed=c.seed, rank=self.rank, world_size=self.world_size)
         self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment)
@@ -240,10 +304,84 @@ class Trainer:
                         "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
             (self.save_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             n_params = sum(p.numel() for p in self.model.parameters())
-            log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, device %s",
-                     c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
-                     [s[:3] for s in self.sampler.sizes], self.device)
+            log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, %d workers, "
+                     "device %s", c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
+                     [s[:3] for s in self.sampler.sizes], c.workers, self.device)
         self.t0 = time.time()
+        self.run_train_seconds, self.run_train_images, self.val_seconds = 0.0, 0, None
+
+    def _fit_batch(self, scales: tuple[float, float, int]) -> int:
+        """Probe one training step's memory before epoch 1 and return the per-rank batch that fits: the asked
+        one, a smaller one with a warning, or (``batch -1``) the largest with a margin. A batch that cannot
+        fit at all stops the run here, before any folder is made."""
+        c = self.config
+        asked = max(1, c.batch // self.world_size) if c.batch > 0 else None
+
+        def sizes_for(base: int) -> list[tuple[int, int, int]]:
+            return MultiScaleBatchSampler(len(self.train_samples), c.imgsz, base, *scales, rank=0,
+                                          world_size=1).sizes
+
+        h, w, _ = max(sizes_for(1), key=lambda s: s[0] * s[1])
+        memory = measure_step(lambda b: self._probe_step(b, h, w), self.device, (h, w))
+        available = available_bytes(self.device)
+        if memory is None or available is None:
+            if asked is None:
+                raise ConfigError("batch -1 needs the memory to be measured, which this system does not allow; "
+                                  "give --batch N")
+            log.warning("cannot measure memory on this system; keeping batch %d unchecked", c.batch)
+            return asked
+        workers = 0 if self.cuda else 2 * c.workers  # CPU: training and validation workers share the RAM
+        budget = int(MEMORY_MARGIN * available) - workers * WORKER_BYTES - self._optimizer_state_bytes()
+        limit = asked if asked is not None else max(1, len(self.train_samples) // self.world_size)
+        fitting = largest_batch(memory, budget, sizes_for, limit)
+        if self.world_size > 1:  # every rank runs the same batch: the smallest that fits everywhere
+            t = torch.tensor([fitting], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            fitting = int(t.item())
+        where = "GPU" if self.cuda else "RAM"
+        need = memory.at(asked or 1, h, w)
+        if self.main:
+            log.info("memory probe at %dx%d: %.2f GiB + %.3f GiB per image for a training step; %.1f GiB %s "
+                     "available", h, w, memory.fixed / GiB, memory.per_image / GiB, available / GiB, where)
+        if fitting == 0:
+            raise ConfigError(f"one image at {h}x{w} needs about {memory.at(1, h, w) / GiB:.1f} GiB for a training "
+                              f"step but {max(budget, 0) / GiB:.1f} GiB of {where} is usable; lower --imgsz"
+                              + (" or --max-scale" if c.multi_scale else "") + " or --workers")
+        if asked is None:
+            if self.main:
+                log.info("batch -1: %d per process fits (%.1f GiB of %.1f GiB usable)", fitting,
+                         memory.at(fitting, h, w) / GiB, budget / GiB)
+            return fitting
+        if fitting < asked and self.main:
+            log.warning("batch %d needs about %.1f GiB for a training step at %dx%d, more than the %.1f GiB of %s "
+                        "usable: training with batch %d instead (--batch %d to choose; --batch -1 picks the "
+                        "largest)", asked * self.world_size, need / GiB, h, w, budget / GiB, where,
+                        fitting * self.world_size, fitting * self.world_size)
+        return min(asked, fitting)
+
+    def _probe_step(self, batch: int, h: int, w: int) -> None:
+        """Forward, loss and backward on random images with random boxes; weights, BatchNorm statistics and
+        gradients are left exactly as they were."""
+        model = self.model
+        buffers = [b.detach().clone() for b in model.buffers()]
+        model.train()
+        x = torch.rand(batch, 3, h, w, device=self.device)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = random_targets(batch, h, w, self.criterion.nc).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
+            maps = model(x)
+        loss, _ = self.criterion([m.float() for m in maps], targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+
+    def _optimizer_state_bytes(self) -> int:
+        """Momentum (SGD) or two moments (AdamW) per parameter, which the probe step does not allocate."""
+        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return n * (1 if self.config.optimizer == "SGD" else 2)
 
     def _make_loader(self) -> DataLoader:
         c = self.config
@@ -273,7 +411,7 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"]) + 1
-        self.best_fitness = float(ckpt.get("best_fitness", -1.0))
+        self.best_fitness = float(ckpt.get("best_fitness", -math.inf))
         self.history = list(ckpt.get("history") or [])
         if self.start_epoch >= self.config.epochs:
             raise ConfigError(f"{self.resume_from}: training already finished ({self.config.epochs} epochs)")
@@ -302,9 +440,12 @@ class Trainer:
         bar = tqdm(self.loader, total=nb, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.main,
                    unit="batch", leave=True, dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
+        # on a GPU the loss is read every 10 batches (each read waits for the GPU); on a CPU every batch
+        every = 10 if self.cuda else 1
         for i, (images, targets) in enumerate(bar):
+            self.batch_index = i
             step = i + nb * epoch
-            if step <= n_warmup:
+            if step < n_warmup:
                 self._warmup(step, n_warmup, epoch)
             h, w = images.shape[-2:]
             x = images.to(self.device, non_blocking=True)
@@ -323,23 +464,39 @@ class Trainer:
             if images_since_step >= c.nbs or i == nb - 1:
                 self._optimizer_step(epoch, i)
                 images_since_step = 0
-            if self.main and (i % 10 == 0 or i == nb - 1):  # a host sync only every 10 batches
+            if self.main and (i % every == 0 or i == nb - 1):
                 box, cls, dfl = mean_loss.tolist()
-                mem = f"{torch.cuda.memory_reserved(self.device) / 2**30:.1f}G" if self.cuda else "-"
+                mem = f"{(torch.cuda.memory_reserved(self.device) if self.cuda else resident_bytes()) / GiB:.1f}G"
                 bar.set_postfix(box=f"{box:.3f}", cls=f"{cls:.3f}", dfl=f"{dfl:.3f}", size=f"{h}x{w}",
-                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem)
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem,
+                                run=self._run_progress(time.time() - start, epoch), refresh=False)
         bar.close()
         self.epoch_loss = mean_loss.tolist()
         self.epoch_time = time.time() - start
+        self.run_train_seconds += self.epoch_time
+        self.run_train_images += self.images_seen
+
+    def _run_progress(self, epoch_seconds: float, epoch: int) -> str:
+        """'elapsed<remaining' for the whole run: training at the pace seen so far, plus validation at the
+        duration of the last one (before the first, a third of training's time per image: forward only)."""
+        c = self.config
+        done = self.run_train_images + self.images_seen
+        per_image = (self.run_train_seconds + epoch_seconds) / max(done, 1)
+        total = len(self.train_samples) * (c.epochs - self.start_epoch)
+        val_each = self.val_seconds if self.val_seconds is not None else (
+            per_image / 3 * len(self.evaluator.image_ids) if self.evaluator is not None else 0.0)
+        left = per_image * max(total - done, 0) + val_each * (c.epochs - epoch)
+        return f"{_clock(time.time() - self.t0)}<{_clock(left)}"
 
     def _warmup(self, step: int, n_warmup: int, epoch: int) -> None:
-        """Linear warm-up: biases come down from warmup_bias_lr, other groups up from 0; momentum rises."""
+        """Linear warm-up over steps 1..n_warmup (the first step already moves the weights): biases come down
+        from warmup_bias_lr, other groups up from 0; momentum rises."""
         c = self.config
         for j, g in enumerate(self.optimizer.param_groups):
             start = c.warmup_bias_lr if j == 2 else 0.0
-            g["lr"] = float(np.interp(step, [0, n_warmup], [start, g["initial_lr"] * self.lf(epoch)]))
+            g["lr"] = float(np.interp(step + 1, [0, n_warmup], [start, g["initial_lr"] * self.lf(epoch)]))
             if c.optimizer == "SGD":
-                g["momentum"] = float(np.interp(step, [0, n_warmup], [c.warmup_momentum, c.momentum]))
+                g["momentum"] = float(np.interp(step + 1, [0, n_warmup], [c.warmup_momentum, c.momentum]))
 
     def _optimizer_step(self, epoch: int, i: int) -> None:
         """Clip, then step only if the gradients are finite: a non-finite loss never reaches the weights."""
@@ -364,20 +521,22 @@ class Trainer:
         if self.main:
             metrics: dict[str, Any] = {}
             if self.evaluator is not None:
+                t0 = time.time()
                 metrics = validate(self.ema.ema, self.data_yaml, imgsz=c.imgsz, batch=c.val_batch or 2 * c.batch,
                                    device=self.device, workers=c.workers, evaluator=self.evaluator, progress=True)
-            fitness = metrics.get("map", -self.epoch_loss[0] - self.epoch_loss[2])
+                self.val_seconds = time.time() - t0
+            score = fitness(metrics, sum(self.epoch_loss))
             row = {"epoch": epoch + 1, "time_s": round(self.epoch_time, 1),
                    "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
                    "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
                    "train/dfl_loss": self.epoch_loss[2],
                    **{f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)},
                    **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
-                   "skipped_steps": self.skipped_steps}
+                   "fitness": score, "skipped_steps": self.skipped_steps}
             self.history.append(row)
             self._write_results()
-            if fitness > self.best_fitness:
-                self.best_fitness = fitness
+            if score >= self.best_fitness:  # ties go to the later, longer-trained epoch
+                self.best_fitness = score
                 self._save("best.pt", epoch, metrics)
             self._save("last.pt", epoch, metrics)
             if metrics:
@@ -392,12 +551,13 @@ class Trainer:
                         optimizer=self.optimizer, epoch=epoch, metrics=scalar,
                         extra={"train_args": dataclasses.asdict(self.config), "scheduler": self.scheduler.state_dict(),
                                "scaler": self.scaler.state_dict(), "ema_updates": int(self.ema.updates),
-                               "best_fitness": float(self.best_fitness), "history": self.history})
+                               "best_fitness": float(self.best_fitness), "history": self.history,
+                               "imgsz": int(self.config.imgsz), "data": str(self.data_yaml)})
 
     def _write_results(self) -> None:
         path = self.save_dir / "results.csv"
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            writer = csv.DictWriter(f, fieldnames=list(self.history[-1]), extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(self.history)
         plot_results(self.history, self.save_dir / "results.png")
@@ -413,6 +573,12 @@ class Trainer:
               f"best mAP50-95 {max((r['metrics/map'] for r in self.history), default=float('nan')):.4f}; "
               f"weights in {self.save_dir / 'weights'}")
         return self.save_dir, final
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
 def plot_results(history: list[dict[str, Any]], path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from ..config import load_data_config
 from ..datasets.inference import LetterboxImages, collate_letterboxed
 from ..datasets.letterbox import unletterbox_boxes
 from .evaluator import COCOEvaluator
+from .memory import default_workers
 from .postprocess import non_max_suppression
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", im
     evaluator = evaluator or COCOEvaluator.from_yolo(data, split, backend=backend)
     evaluator.reset()
     items = split_items(data, split, evaluator)
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     loader = DataLoader(LetterboxImages(items, imgsz), batch_size=batch, shuffle=False, num_workers=workers,
                         collate_fn=collate_letterboxed, pin_memory=torch.device(device).type == "cuda")
     was_training = model.training
