@@ -241,7 +241,9 @@ def test_run_progress_counts_the_whole_run(shapes, tmp_path):
     assert elapsed == "00:10" and left == "01:10"
 
 
-def test_sigterm_stops_like_ctrl_c_and_leaves_no_empty_folder(shapes, tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_sigterm_stops_like_ctrl_c_and_leaves_no_empty_folder(shapes, tmp_path, workers):
+    """SIGTERM to the process, or (with a worker) to its whole group, as timeout and schedulers send it."""
     import os
     import signal
     import subprocess
@@ -249,17 +251,21 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_empty_folder(shapes, tmp_path):
     import time
 
     cmd = [sys.executable, "-m", "yolo_mobile", "train", "--cfg", "yolov5n.yaml", "--data", str(shapes), "--epochs",
-           "50", "--imgsz", "64", "--batch", "2", "--workers", "0", "--no-val", "--project", str(tmp_path),
+           "50", "--imgsz", "64", "--batch", "2", "--workers", workers, "--no-val", "--project", str(tmp_path),
            "--name", "s"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "s" / "args.yaml").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert (tmp_path / "s" / "args.yaml").is_file(), proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)  # into the first epoch, workers started
+    if workers == "0":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "before the first checkpoint: nothing was saved" in err.strip().splitlines()[-1]
+    assert "before the first checkpoint: nothing was saved" in err.strip().splitlines()[-1], err[-2000:]
     assert "Traceback" not in err
     assert not (tmp_path / "s").exists()

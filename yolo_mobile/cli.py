@@ -196,7 +196,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_kwargs(**given) if not args.resume else TrainConfig(device=args.device or "",
                                                                                   workers=args.workers)
     def stop_on_sigterm(signum, frame):  # kill or a job scheduler: stop as Ctrl-C does, keeping what is saved
-        raise KeyboardInterrupt
+        # a subclass, not KeyboardInterrupt itself: CPython marks a bare one raised inside exec'd code as unhandled
+        # and ends the process with SIGINT after main() returned
+        raise TrainingInterrupted("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:

@@ -203,6 +203,13 @@ class Trainer:
             return self.after_train()
         except KeyboardInterrupt:
             raise TrainingInterrupted(self._interrupted()) from None
+        except RuntimeError as e:
+            # a signal sent to the whole process group (timeout, pkill, a scheduler) or the OOM killer can end a
+            # DataLoader worker first: training cannot go on, so stop as for Ctrl-C, keeping what is saved
+            if "DataLoader worker" in str(e) and "killed by signal" in str(e):
+                raise TrainingInterrupted(self._interrupted(f" ({str(e).strip()})")) from None
+            self._remove_unsaved_run()
+            raise
         except BaseException:
             self._remove_unsaved_run()
             raise
@@ -210,9 +217,9 @@ class Trainer:
             if self.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
-    def _interrupted(self) -> str:
+    def _interrupted(self, why: str = "") -> str:
         """Keep the last completed epoch's last.pt; a run with no checkpoint yet leaves no folder behind."""
-        where = f"stopped at epoch {self.epoch + 1} batch {self.batch_index + 1}"
+        where = f"stopped at epoch {self.epoch + 1} batch {self.batch_index + 1}{why}"
         last = self.save_dir / "weights" / "last.pt" if self.save_dir is not None else None
         if last is not None and last.is_file():
             return f"{where}; resume with: yolo-mobile train --resume {last}"
