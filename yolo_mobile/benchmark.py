@@ -7,10 +7,8 @@ between rows come from one run on one machine.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
-import ctypes
 import os
 import tempfile
 import time
@@ -22,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .engine.memory import peak_bytes, random_targets
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
 BACKENDS = ("torch", "onnxruntime")
@@ -165,45 +165,11 @@ class UltralyticsDetector(nn.Module):
         return self
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the next peak starts from the model
-
-
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_forward_memory_mb(fn: Callable[[], object], device) -> float | None:
-    """Memory one call of ``fn`` needs above what is already held (activations and workspace, not weights):
-    CUDA's allocator peak on a GPU; on Linux CPUs the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs). None where neither can be read."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    except OSError:
-        return None
-    before = _proc_status_kb("VmRSS")
-    fn()
-    peak = _proc_status_kb("VmHWM")
-    if before is None or peak is None:
-        return None
-    return max(peak - before, 0) / 1024
+    """Memory one call of ``fn`` needs above what is already held (activations and workspace, not weights), in
+    MB: CUDA's allocator peak on a GPU, the process's peak resident set on Linux CPUs; None where unreadable."""
+    peak = peak_bytes(fn, device)
+    return None if peak is None else peak / 2**20
 
 
 def _synced(fn: Callable[[], object], device) -> Callable[[], object]:
@@ -218,16 +184,6 @@ def _synced(fn: Callable[[], object], device) -> Callable[[], object]:
     return run
 
 
-def _random_targets(batch: int, imgsz: int, nc: int, per_image: int = 8, seed: int = 0):
-    """(B, M, 5) class + xyxy boxes in pixels, like the training loader's padded targets."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.rand(batch, per_image, 2, generator=g) * imgsz
-    sizes = (0.05 + 0.4 * torch.rand(batch, per_image, 2, generator=g)) * imgsz
-    boxes = torch.cat([centers - sizes / 2, centers + sizes / 2], 2).clamp(0, imgsz)
-    classes = torch.randint(0, nc, (batch, per_image, 1), generator=g).float()
-    return torch.cat([classes, boxes], 2)
-
-
 def train_speed(model, imgsz: int, batch: int, device, steps: int = 5, warmup: int = 2,
                 amp: bool = False) -> float:
     """Training images per second: forward, our detection loss, backward and an SGD step, on random images
@@ -239,7 +195,7 @@ def train_speed(model, imgsz: int, batch: int, device, steps: int = 5, warmup: i
     optimizer = torch.optim.SGD(_param_groups(model, 5e-4), lr=0.01, momentum=0.937, nesterov=True)
     criterion = DetectionLoss(model.nc, list(model.strides))
     x = torch.rand(batch, 3, imgsz, imgsz, device=device)
-    targets = _random_targets(batch, imgsz, model.nc).to(device)
+    targets = random_targets(batch, imgsz, imgsz, model.nc).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
     def step() -> None:
@@ -476,3 +432,77 @@ def save_results(rows: list[dict[str, Any]], out: str | Path, config: BenchmarkC
     if png is not None:
         files["plot"] = png
     return files
+
+
+def _train_step_fn(model: nn.Module, imgsz: int, batch: int, device) -> Callable[[], None]:
+    """One training step without the optimizer: train-mode forward, DetectionLoss on random boxes, backward."""
+    from .loss import DetectionLoss
+
+    criterion = DetectionLoss(model.nc, list(model.strides))
+    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    targets = random_targets(batch, imgsz, imgsz, model.nc).to(device)
+
+    def step() -> None:
+        loss, _ = criterion(model(x), targets)
+        loss.backward()
+
+    return step
+
+
+def train_step_peak_memory_mb(model: nn.Module, imgsz: int, batch: int,
+                              device: str | torch.device = "cpu") -> float | None:
+    """Memory one training step (train-mode forward, DetectionLoss, backward, gradients included) needs above the
+    built model, measured as :func:`peak_forward_memory_mb` measures a forward. One unmeasured step first, so
+    lazy one-off allocations (thread pools, kernel caches) are not counted. Weights are left as they were;
+    BatchNorm statistics move as in training. Fixed and per-image costs come from two batch sizes."""
+    from .engine.device import select_device
+
+    device = select_device(device) if isinstance(device, str) else device
+    model = model.to(device).train()
+    step = _train_step_fn(model, imgsz, batch, device)
+    step()
+    model.zero_grad(set_to_none=True)
+    peak = peak_forward_memory_mb(step, device)
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+_FUSED_ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+                        "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_fused_attention")
+
+
+def train_step_attention(model: nn.Module, imgsz: int = 128, device: str | torch.device = "cpu") -> str:
+    """How a training step (batch 1) computes attention, from torch.profiler's operator list: ``fused`` when
+    scaled_dot_product_attention runs a fused kernel (flash, memory-efficient, cuDNN: no N x N matrix is kept),
+    ``math`` when it falls back to its reference path, ``explicit`` for a softmax over a square (..., N, N)
+    tensor outside it, ``-`` when the model has no attention. Combinations are joined with ``+``."""
+    from torch.profiler import profile
+
+    from .engine.device import select_device
+
+    device = select_device(device) if isinstance(device, str) else device
+    model = model.to(device).train()
+    step = _train_step_fn(model, imgsz, 1, device)
+    with profile(record_shapes=True) as prof:
+        step()
+    model.zero_grad(set_to_none=True)
+    kinds = set()
+    for event in prof.events():
+        if event.name.startswith(_FUSED_ATTENTION_OPS):
+            kinds.add("fused")
+        elif event.name == "aten::_scaled_dot_product_attention_math":
+            kinds.add("math")
+        elif event.name == "aten::softmax" and not _inside(event, "aten::scaled_dot_product_attention"):
+            shape = (event.input_shapes or [[]])[0]
+            if len(shape) >= 2 and shape[-1] == shape[-2] > 1:
+                kinds.add("explicit")
+    return "+".join(k for k in ("fused", "math", "explicit") if k in kinds) or "-"
+
+
+def _inside(event: Any, name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
