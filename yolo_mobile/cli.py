@@ -215,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 TRAIN_FLAGS = ("cfg", "pretrained", "data", "epochs", "batch", "imgsz", "device", "workers", "name", "project",
                "multi_scale", "min_scale", "max_scale", "n_scales", "close_mosaic", "optimizer", "lr0", "seed",
-               "schedule", "val")
+               "schedule", "val", "cache", "plot_batches")
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr0", type=float, help="initial lr (default 0.01 SGD, 0.002 AdamW)")
     p.add_argument("--schedule", choices=["linear", "cosine"], help="decay after warm-up (default linear)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--cache", choices=["ram", "disk"], help="keep training images decoded at the largest size "
+                                                            "training asks for: in memory, or as .npy files")
+    p.add_argument("--plot-batches", type=int, help="draw the first N training batches with their boxes to "
+                                                    "train_batch<i>.jpg in the run folder (default 3; 0: none)")
     p.add_argument("--no-val", dest="val", action="store_false", default=None, help="skip per-epoch validation")
     p.set_defaults(func=cmd_train)
 

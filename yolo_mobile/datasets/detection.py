@@ -1,5 +1,6 @@
 """Training dataset: YOLO-format or COCO-JSON splits, a label cache, bad data skipped and counted,
-4-image mosaic and albumentations augmentation, at the (h, w) each batch of the sampler asks for."""
+4-image mosaic and the rest of the augmentation (:mod:`.augment`), at the (h, w) each batch of the sampler
+asks for, from images read once (:mod:`.cache`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig
-from .labels import LabelError, label_path, read_image, read_yolo_labels, yolo_to_xyxy
-from .letterbox import PAD_VALUE, letterbox
+from .augment import RareOps, hsv, hue_rotation, letterbox_tile, mosaic_tiles, render, sv_gain, to_chw_rgb
+from .cache import ImageStore
+from .labels import LabelError, label_path, read_yolo_labels, yolo_to_xyxy
+from .letterbox import letterbox
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -39,16 +41,19 @@ class Sample:
 
 @dataclass
 class AugmentConfig:
-    """Augmentation strengths (YOLOv8's defaults)."""
+    """Augmentation strengths (YOLOv8's defaults, meaning what they mean there: relative to the output image)."""
 
     mosaic: float = 1.0  # probability of a 4-image mosaic
-    scale: float = 0.5  # random zoom in [1 - scale, 1 + scale]
-    translate: float = 0.1  # random shift, fraction of the size
+    scale: float = 0.5  # random zoom in [1 - scale, 1 + scale] about the (mosaic) canvas centre
+    translate: float = 0.1  # random shift of that centre, a fraction of the output's width / height
     fliplr: float = 0.5
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    blur: float = 0.01
+    hsv_h: float = 0.015  # hue shift, a fraction of the hue circle
+    hsv_s: float = 0.7  # saturation gain in [1 - hsv_s, 1 + hsv_s]
+    hsv_v: float = 0.4  # value gain in [1 - hsv_v, 1 + hsv_v]
+    blur: float = 0.01  # probability of each of blur, median blur, grey, CLAHE
+    # HSV through OpenCV's 8-bit HSV and a lookup table, as YOLOv8; False: the same gains on the RGB planes, 4x
+    # cheaper (exact S and V gains, hue turned about the grey axis; see yolo_mobile.datasets.augment.sv_gain)
+    hsv_exact: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- reading a split
@@ -177,74 +182,44 @@ def load_split(data: DataConfig, split: str) -> list[Sample]:
 
 # ------------------------------------------------------------------------------------------------ the dataset
 class DetectionDataset(Dataset):
-    """``dataset[(index, h, w)]`` -> (uint8 CHW image of size h x w, float (n, 5) class + xyxy pixel boxes)."""
+    """``dataset[(index, h, w)]`` -> (uint8 CHW RGB image of size h x w, float (n, 5) class + xyxy pixel boxes).
 
-    def __init__(self, samples: list[Sample], imgsz: int, augment: bool = True,
-                 hyp: AugmentConfig | None = None) -> None:
+    Images come from an :class:`ImageStore` at the largest size training asks for (``max_size``, default
+    ``imgsz``), so every batch size is made from the original pixels. ``cache``: None, ``"ram"`` or ``"disk"``.
+    Augmentation (see :mod:`.augment`): mosaic (partners from the buffer of recently read images), random zoom
+    and shift, HSV, left-right flip and the rare blur / grey / CLAHE, drawn from one generator per process that
+    is seeded from torch's seed: ``--seed`` makes a run repeatable, each DataLoader worker differs.
+    """
+
+    def __init__(self, samples: list[Sample], imgsz: int, augment: bool = True, hyp: AugmentConfig | None = None,
+                 cache: str | None = None, max_size: int | None = None, buffer_size: int = 128) -> None:
         self.samples, self.imgsz, self.augment = samples, imgsz, augment
         self.hyp = hyp or AugmentConfig()
         self.mosaic = augment and self.hyp.mosaic > 0
-        self._pipelines: dict[tuple[int, int, bool], A.Compose] = {}
+        self.store = ImageStore([s.path for s in samples], [(s.height, s.width) for s in samples],
+                                max(max_size or imgsz, imgsz), cache=None if cache in ("none", False) else cache,
+                                buffer_size=buffer_size)
+        self._rng: random.Random | None = None
+        self._rare = RareOps(self.hyp.blur)
+        self._scratch: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _pipeline(self, h: int, w: int, mosaic: bool) -> A.Compose:
-        key = (h, w, mosaic)
-        if key not in self._pipelines:
-            hyp = self.hyp
-            ops = [
-                A.Affine(scale=(1 - hyp.scale, 1 + hyp.scale), translate_percent=(-hyp.translate, hyp.translate),
-                         border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0),
-                # a mosaic canvas is 2h x 2w around its centre: the crop keeps the centre region
-                *([A.CenterCrop(h, w)] if mosaic else []),
-                A.HorizontalFlip(p=hyp.fliplr),
-                A.HueSaturationValue(hue_shift_limit=int(hyp.hsv_h * 180), sat_shift_limit=int(hyp.hsv_s * 100),
-                                     val_shift_limit=int(hyp.hsv_v * 100), p=0.8),
-                A.Blur(blur_limit=(3, 7), p=hyp.blur),
-                A.MedianBlur(blur_limit=(3, 7), p=hyp.blur),
-                A.ToGray(p=hyp.blur),
-                A.CLAHE(p=hyp.blur),
-            ]
-            bbox = A.BboxParams(format="pascal_voc", label_fields=["classes"], min_visibility=0.25, min_area=4,
-                                clip=True, filter_invalid_bboxes=True)
-            # seeded from torch: each DataLoader worker differs, and --seed makes the run repeatable
-            self._pipelines[key] = A.Compose(ops, bbox_params=bbox, seed=torch.initial_seed() % 2**32)
-        return self._pipelines[key]
+    @property
+    def rng(self) -> random.Random:
+        if self._rng is None:  # first use in this process: torch's seed (a worker's differs from the others')
+            self._rng = random.Random(torch.initial_seed())
+        return self._rng
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image resized so it fits the base size (keeping its ratio) and its boxes in those pixels."""
+    def reseed(self) -> None:
+        """Start over as a fresh dataset would: new generator from torch's seed, empty buffer."""
+        self._rng = None
+        self.store.clear_buffer()
+
+    def _item(self, i: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
         s = self.samples[i]
-        image = read_image(s.path)
-        r = self.imgsz / max(s.height, s.width)
-        if r != 1:
-            image = cv2.resize(image, (max(1, round(s.width * r)), max(1, round(s.height * r))),
-                               interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
-        boxes = s.boxes.copy()
-        boxes[:, [1, 3]] *= image.shape[1] / s.width
-        boxes[:, [2, 4]] *= image.shape[0] / s.height
-        return image, boxes
-
-    def _load_mosaic(self, i: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        canvas = np.full((2 * h, 2 * w, 3), PAD_VALUE, np.uint8)
-        cx, cy = int(random.uniform(0.5 * w, 1.5 * w)), int(random.uniform(0.5 * h, 1.5 * h))
-        all_boxes = []
-        indices = [i] + [random.randrange(len(self.samples)) for _ in range(3)]
-        for k, j in enumerate(indices):
-            image, boxes = self.load(j)
-            image, boxes = _fit(image, boxes, h, w)
-            ih, iw = image.shape[:2]
-            # quadrants around the centre: top-left, top-right, bottom-left, bottom-right
-            x0 = cx - iw if k in (0, 2) else cx
-            y0 = cy - ih if k in (0, 1) else cy
-            xa, ya = max(x0, 0), max(y0, 0)
-            xb, yb = min(x0 + iw, 2 * w), min(y0 + ih, 2 * h)
-            canvas[ya:yb, xa:xb] = image[ya - y0: yb - y0, xa - x0: xb - x0]
-            boxes = boxes.copy()
-            boxes[:, [1, 3]] = (boxes[:, [1, 3]] + x0).clip(xa, xb)
-            boxes[:, [2, 4]] = (boxes[:, [2, 4]] + y0).clip(ya, yb)
-            all_boxes.append(boxes)
-        return canvas, np.concatenate(all_boxes)
+        return self.store.get(i), (s.height, s.width), s.boxes
 
     def __getitem__(self, item: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         i, h, w = (item, self.imgsz, self.imgsz) if isinstance(item, int) else item
@@ -257,43 +232,53 @@ class DetectionDataset(Dataset):
         raise RuntimeError("no readable image left in the dataset")
 
     def _get(self, i: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        use_mosaic = self.mosaic and random.random() < self.hyp.mosaic
-        if use_mosaic:
-            image, boxes = self._load_mosaic(i, h, w)
-        else:
-            image, boxes = self.load(i)
-            image, info = letterbox(image, (h, w))
+        if not self.augment:
+            image, (oh, ow), boxes = self._item(i)
+            out, info = letterbox(image, (h, w))
             boxes = boxes.copy()
-            boxes[:, [1, 3]] = boxes[:, [1, 3]] * info.scale[0] + info.pad[0]
-            boxes[:, [2, 4]] = boxes[:, [2, 4]] * info.scale[1] + info.pad[1]
-        boxes = _valid(boxes, image.shape[1], image.shape[0])
-        if self.augment:
-            out = self._pipeline(h, w, use_mosaic)(image=image, bboxes=boxes[:, 1:], classes=boxes[:, 0])
-            image = out["image"]
-            b = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
-            boxes = np.concatenate([np.asarray(out["classes"], np.float32).reshape(-1, 1), b], 1)
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return tensor, torch.from_numpy(boxes.astype(np.float32))
+            sx, sy = image.shape[1] / ow * info.scale[0], image.shape[0] / oh * info.scale[1]
+            boxes[:, [1, 3]] = boxes[:, [1, 3]] * sx + info.pad[0]
+            boxes[:, [2, 4]] = boxes[:, [2, 4]] * sy + info.pad[1]
+            return torch.from_numpy(to_chw_rgb(out)), torch.from_numpy(_valid(boxes, w, h))
+        rng, hyp = self.rng, self.hyp
+        if self.mosaic and rng.random() < hyp.mosaic:
+            items = [self._item(i)]  # read first: it joins the buffer the partners are drawn from
+            items += [self._item(self.store.random_index(rng)) for _ in range(3)]
+            tiles, canvas = mosaic_tiles(items, h, w, rng), (2 * h, 2 * w)
+        else:
+            tiles, canvas = [letterbox_tile(*self._item(i), h, w)], (h, w)
+        zoom = rng.uniform(1 - hyp.scale, 1 + hyp.scale)
+        shift = (w * (0.5 + rng.uniform(-hyp.translate, hyp.translate)),
+                 h * (0.5 + rng.uniform(-hyp.translate, hyp.translate)))
+        scratch = self._scratch.get((h, w))
+        if scratch is None:  # per size, reused: the output is copied into the returned CHW array
+            scratch = self._scratch[(h, w)] = (np.empty((h, w, 3), np.uint8), np.empty((h, w), np.uint8))
+        out, boxes = render(tiles, canvas, (h, w), zoom, shift, out=scratch[0])
+        out = self._rare(out, rng)  # blur, grey, CLAHE, then colour, then flip: YOLOv8's order
+        jitter = hyp.hsv_h or hyp.hsv_s or hyp.hsv_v
+        if jitter and hyp.hsv_exact:
+            hsv(out, rng, hyp.hsv_h, hyp.hsv_s, hyp.hsv_v)
+        elif jitter:
+            dh, ds, dv = (rng.uniform(-1, 1) * g for g in (hyp.hsv_h, hyp.hsv_s, hyp.hsv_v))
+            if dh:
+                out = cv2.transform(out, hue_rotation(dh))
+        flip = rng.random() < hyp.fliplr
+        if flip and len(boxes):
+            boxes[:, [1, 3]] = w - boxes[:, [3, 1]]
+        chw = to_chw_rgb(out, flip)
+        if jitter and not hyp.hsv_exact and (ds or dv):
+            sv_gain(chw, 1 + ds, 1 + dv, scratch=scratch[1])
+        return torch.from_numpy(chw), torch.from_numpy(boxes)
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: fresh augmentation pipelines (and RNG) per worker, derived from torch's seed."""
+    """DataLoader worker_init_fn: OpenCV single-threaded (the workers are the parallelism), and a fresh
+    generator and buffer per worker, derived from torch's seed for that worker."""
+    cv2.setNumThreads(0)
     info = torch.utils.data.get_worker_info()
     random.seed(info.seed % 2**32)
     np.random.seed(info.seed % 2**32)
-    info.dataset._pipelines.clear()
-
-
-def _fit(image: np.ndarray, boxes: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the image fits in (h, w) keeping its ratio (the batch size may differ from the base size)."""
-    r = min(h / image.shape[0], w / image.shape[1])
-    if abs(r - 1) < 1e-3:
-        return image, boxes
-    nh, nw = max(1, round(image.shape[0] * r)), max(1, round(image.shape[1] * r))
-    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
-    boxes = boxes.copy()
-    boxes[:, 1:] *= r
-    return image, boxes
+    info.dataset.reseed()
 
 
 def _valid(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -301,13 +286,17 @@ def _valid(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, width)
     boxes[:, [2, 4]] = boxes[:, [2, 4]].clip(0, height)
     keep = (boxes[:, 3] - boxes[:, 1] > 1) & (boxes[:, 4] - boxes[:, 2] > 1)
-    return boxes[keep]
+    return boxes[keep].astype(np.float32)
 
 
 def collate_detection(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) uint8 and targets padded on the CPU to (B, M, 5) [class, x1, y1, x2, y2] with
     class -1 for padding, so the loss needs no host-device sync to batch them."""
-    images = torch.stack([b[0] for b in batch])
+    images = [b[0] for b in batch]
+    if torch.utils.data.get_worker_info() is not None:
+        images = torch.utils.data.default_collate(images)  # stacked straight into shared memory for the main process
+    else:  # into a fresh tensor: much faster than letting stack allocate it for uint8
+        images = torch.stack(images, out=torch.empty((len(images), *images[0].shape), dtype=images[0].dtype))
     m = max((len(b[1]) for b in batch), default=0)
     targets = torch.zeros(len(batch), m, 5)
     targets[..., 0] = -1

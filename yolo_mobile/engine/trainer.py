@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .. import _ultralytics
 from ..config import ConfigError, load_data_config, load_model_config
 from ..datasets.detection import AugmentConfig, DetectionDataset, collate_detection, load_split, seed_worker
+from ..datasets.plots import plot_batch
 from ..datasets.sampler import MultiScaleBatchSampler
 from ..datasets.synthetic import resolve_data
 from ..detector import Detector, build_model, pretrained_weights
@@ -92,6 +93,8 @@ class TrainConfig:
     # augmentation
     close_mosaic: int | None = None  # last epochs without mosaic; None: 10, at most a quarter of the epochs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: str | None = None  # training images: None (decode, keep a buffer), "ram" or "disk" (.npy files)
+    plot_batches: int = 3  # the run's first N training batches drawn to train_batch{i}.jpg; 0: none
     # validation
     val: bool = True
     val_batch: int | None = None  # default: 2 x batch
@@ -124,6 +127,10 @@ class TrainConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch < 1 and self.batch != -1:
             raise ConfigError(f"batch must be at least 1, or -1 for the largest that fits; got {self.batch}")
+        if self.cache not in (None, "ram", "disk"):
+            raise ConfigError(f"unknown cache '{self.cache}'; valid: ram, disk (or none)")
+        if self.plot_batches < 0:
+            raise ConfigError(f"plot_batches must be 0 or more, got {self.plot_batches}")
         if self.close_mosaic is not None and self.close_mosaic < 0:
             raise ConfigError(f"close_mosaic must be 0 or more, got {self.close_mosaic}")
         if self.workers is not None and self.workers < 0:
@@ -298,7 +305,8 @@ class Trainer:
 
         self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *scales,
                                               seed=c.seed, rank=self.rank, world_size=self.world_size)
-        self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment)
+        self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
+                                        max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
         self.loader = self._make_loader()
 
         if self.main:
@@ -451,6 +459,8 @@ class Trainer:
         every = 10 if self.cuda else 1
         for i, (images, targets) in enumerate(bar):
             self.batch_index = i
+            if self.main and epoch == 0 and i < c.plot_batches:
+                plot_batch(images, targets, self.names, self.save_dir / f"train_batch{i}.jpg")
             step = i + nb * epoch
             if step < n_warmup:
                 self._warmup(step, n_warmup, epoch)
