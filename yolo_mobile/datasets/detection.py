@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import signal
 import stat
 from collections import Counter
 from dataclasses import dataclass
@@ -275,6 +276,10 @@ def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: OpenCV single-threaded (the workers are the parallelism), and a fresh
     generator and buffer per worker, derived from torch's seed for that worker."""
     cv2.setNumThreads(0)
+    # a SIGTERM sent to the whole process group (timeout, pkill, a scheduler) ends the worker quietly: the main
+    # process gets the same signal and stops training itself; a worker killed by it would make the main process
+    # report "DataLoader worker killed by signal" over its own message
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     info = torch.utils.data.get_worker_info()
     random.seed(info.seed % 2**32)
     np.random.seed(info.seed % 2**32)

@@ -6,6 +6,7 @@ DDP comes from PyTorch's own launcher: ``torchrun --nproc_per_node N -m yolo_mob
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import logging
@@ -209,11 +210,13 @@ class Trainer:
                 self.after_epoch(epoch)
             return self.after_train()
         except KeyboardInterrupt:
+            self._close_loader()
             raise TrainingInterrupted(self._interrupted()) from None
         except RuntimeError as e:
-            # a signal sent to the whole process group (timeout, pkill, a scheduler) or the OOM killer can end a
-            # DataLoader worker first: training cannot go on, so stop as for Ctrl-C, keeping what is saved
-            if "DataLoader worker" in str(e) and "killed by signal" in str(e):
+            # the OOM killer or a signal sent to one worker can end a DataLoader worker: training cannot go on,
+            # so stop as for Ctrl-C, keeping what is saved
+            if "DataLoader worker" in str(e) and ("killed by signal" in str(e) or "exited unexpectedly" in str(e)):
+                self._close_loader()
                 raise TrainingInterrupted(self._interrupted(f" ({str(e).strip()})")) from None
             self._remove_unsaved_run()
             raise
@@ -223,6 +226,16 @@ class Trainer:
         finally:
             if self.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+    def _close_loader(self) -> None:
+        """Shut the persistent workers down now, so a dead worker is not reported again when the loader is
+        garbage-collected after our message."""
+        iterator = getattr(getattr(self, "loader", None), "_iterator", None)
+        if iterator is None:
+            return
+        self.loader._iterator = None
+        with contextlib.suppress(RuntimeError):  # a worker that already died: nothing left to shut down
+            iterator._shutdown_workers()
 
     def _interrupted(self, why: str = "") -> str:
         """Keep the last completed epoch's last.pt; a run with no checkpoint yet leaves no folder behind."""
