@@ -165,7 +165,8 @@ def test_pt_and_onnx_give_the_same_detections(tmp_path):
 
     # conf 0.9: this untrained model predicts dense clusters of near-equal boxes lower down, where 1e-5 noise
     # between runtimes can flip a greedy NMS decision and cascade; a trained model has no such clusters
-    torch_results = list(predict(load_backend(tmp_path / "m.pt"), source, imgsz=320, conf=0.9))
+    # square letterbox for PyTorch too: the ONNX file has a fixed 320x320 input
+    torch_results = list(predict(load_backend(tmp_path / "m.pt"), source, imgsz=320, conf=0.9, rect=False))
     onnx_backend = load_backend(tmp_path / "m.onnx")
     assert onnx_backend.names == model.names  # class names travel in the ONNX metadata
     onnx_results = list(predict(onnx_backend, source, imgsz=320, conf=0.9))

@@ -213,6 +213,11 @@ def test_checkpoint_carries_size_and_data_for_val_and_export(shapes, tmp_path, c
                      str(tmp_path / "val")]) == 0
     assert "per image at 64" in capsys.readouterr().out  # flags win
 
+    images = sorted((shapes.parent / "images" / "val").glob("*.png"))
+    assert cli.main(["detect", "--weights", str(weights), "--source", str(images[0]), "--project",
+                     str(tmp_path / "det")]) == 0
+    assert "(imgsz 96;" in capsys.readouterr().out  # detect too runs at the checkpoint's size
+
     out_onnx = tmp_path / "m.onnx"
     assert cli.main(["export", "--weights", str(weights), "--output", str(out_onnx)]) == 0
     dims = [d.dim_value for d in onnx.load(str(out_onnx)).graph.input[0].type.tensor_type.shape.dim]

@@ -238,6 +238,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
           f"inference, {ms['nms']:.1f} ms NMS, {ms['draw']:.1f} ms drawing and saving")
     if stats["skipped"]:
         print(f"Skipped {stats['skipped']} unreadable image(s) or frame(s)")
+    if stats["frames"]:  # frames are processed in overlapping threads: the wall clock is the honest rate
+        h, w = stats["shape"]
+        print(f"{stats['frames'] / max(stats['wall'], 1e-9):.1f} frames/s over {stats['wall']:.1f} s wall at "
+              f"{h}x{w} (imgsz {imgsz}; {stats['workers']} frame worker(s), {stats['threads']} torch thread(s) "
+              "each)")
     print(f"Results saved to {save_dir}")
     return 130 if stats["interrupted"] else 0
 

@@ -52,12 +52,13 @@ class DetectHead(nn.Module):
         """Anchor centres (N, 2) in grid units and their strides (N, 1), cached per input size."""
         key = (tuple(m.shape[-2:] for m in maps), maps[0].device, maps[0].dtype)
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if tracing or self._anchor_cache is None or self._anchor_cache[0] != key:
+        cached = self._anchor_cache  # read once: predict's frame workers share this module
+        if tracing or cached is None or cached[0] != key:
             points, strides = _ultralytics.tal().make_anchors(maps, self.strides, 0.5)
             if tracing:  # shapes must stay symbolic in an exported graph
                 return points, strides
-            self._anchor_cache = (key, points, strides)
-        return self._anchor_cache[1], self._anchor_cache[2]
+            cached = self._anchor_cache = (key, points, strides)
+        return cached[1], cached[2]
 
     def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
         b = maps[0].shape[0]

@@ -1,7 +1,12 @@
-"""Letterbox: resize keeping the aspect ratio, pad to the target size; and its exact inverse for boxes."""
+"""Letterbox: resize keeping the aspect ratio, pad to the target size; and its exact inverse for boxes.
+
+``rect_shape`` gives the smallest stride-multiple target that holds an image at a square size's scale
+("rectangular" inference: a 16:9 frame at 640 runs at 384x640 instead of 640x640).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -18,6 +23,17 @@ class LetterboxInfo:
     orig_shape: tuple[int, int]
     scale: tuple[float, float]  # (x, y): resized size / original size, per axis after rounding
     pad: tuple[int, int]  # (left, top) in pixels
+
+
+def rect_shape(shape: tuple[int, int], imgsz: int, stride: int = 32) -> tuple[int, int]:
+    """(height, width): the smallest multiples of ``stride`` that hold an image of ``shape`` = (height, width)
+    scaled to fit an ``imgsz`` square. ``imgsz`` a multiple of ``stride`` gives the long side ``imgsz``, e.g.
+    (720, 1280) at 640 -> (384, 640): scale 0.5, 360 rows rounded up to 384. Letterboxing into it uses the same
+    scale as the ``imgsz`` square (give or take rounding), with less padding."""
+    h, w = shape
+    r = min(imgsz / h, imgsz / w)
+    nh, nw = max(1, round(h * r)), max(1, round(w * r))
+    return math.ceil(nh / stride) * stride, math.ceil(nw / stride) * stride
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, LetterboxInfo]:
