@@ -193,8 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume and not args.cfg:
         raise ConfigError("train needs --cfg (a model YAML or built-in name) or --resume")
     given = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
-    config = TrainConfig.from_kwargs(**given) if not args.resume else TrainConfig(device=args.device or "",
-                                                                                  workers=args.workers)
+    # with --resume the run's stored configuration holds; Trainer refuses flags other than epochs/device/workers
+    config = None if args.resume else TrainConfig.from_kwargs(**given)
     def stop_on_sigterm(signum, frame):  # kill or a job scheduler: stop as Ctrl-C does, keeping what is saved
         # a subclass, not KeyboardInterrupt itself: CPython marks a bare one raised inside exec'd code as unhandled
         # and ends the process with SIGINT after main() returned
@@ -202,7 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        save_dir, _ = Trainer(config, resume=args.resume).run()
+        save_dir, _ = Trainer(config, resume=args.resume, changes=given if args.resume else None).run()
     except TrainingInterrupted as stop:
         print(f"\nyolo-mobile: {stop}", file=sys.stderr)
         return 130

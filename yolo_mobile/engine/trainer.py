@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +84,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 3.0
     warmup_momentum: float = 0.8
-    warmup_bias_lr: float = 0.1
+    warmup_bias_lr: float = 0.1  # SGD only: biases start at this lr and come down to lr0 during warm-up
     nbs: int = 64  # nominal batch: gradients accumulate until this many images
     clip_grad: float = 10.0
+    max_skipped_steps: int = 20  # stop after this many optimizer steps in a row with a non-finite loss/gradient
     amp: bool = True  # on CUDA only
     ema_decay: float = 0.9999
     # loss gains
@@ -118,6 +121,7 @@ class TrainConfig:
         return config
 
     def check(self) -> None:
+        self._check_numbers()
         if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
             raise ConfigError(f"imgsz must be a positive multiple of 32, got {self.imgsz}")
         if self.optimizer not in ("SGD", "AdamW"):
@@ -136,6 +140,37 @@ class TrainConfig:
             raise ConfigError(f"close_mosaic must be 0 or more, got {self.close_mosaic}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+
+    def _check_numbers(self) -> None:
+        """Every number must be finite and in its range before anything runs: a NaN learning rate would train
+        to NaN weights and still exit 0."""
+        ranges = {  # option: (low, high, low included)
+            "lr0": (0, math.inf, False), "lrf": (0, math.inf, False), "momentum": (0, 1, False),
+            "weight_decay": (0, math.inf, True), "warmup_epochs": (0, math.inf, True),
+            "warmup_momentum": (0, 1, True), "warmup_bias_lr": (0, math.inf, True), "clip_grad": (0, math.inf, False),
+            "ema_decay": (0, 1, False), "box": (0, math.inf, True), "cls": (0, math.inf, True),
+            "dfl": (0, math.inf, True), "min_scale": (0, math.inf, False), "max_scale": (0, math.inf, False),
+        }
+        for name, (low, high, low_ok) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                x = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+            if not math.isfinite(x) or x < low or (x == low and not low_ok) or x >= high:
+                bracket = "[" if low_ok else "("
+                raise ConfigError(f"{name} must be a finite number in {bracket}{low}, {high}), got {value}")
+        for name in ("nbs", "max_skipped_steps", "n_scales"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.min_scale > self.max_scale:
+            raise ConfigError(f"min_scale {self.min_scale} is above max_scale {self.max_scale}")
+        for f in dataclasses.fields(self.augment):
+            value = getattr(self.augment, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
     def resolved(self, data_defaults: dict[str, int], world_size: int = 1) -> TrainConfig:
         """Fill the options left to the data and the machine: imgsz and epochs from the data YAML's
@@ -181,16 +216,71 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says where it stopped and how to resume."""
 
 
+class TrainingDiverged(ConfigError):
+    """Training stopped because its numbers stopped being numbers (too many skipped steps, non-finite weights):
+    a setting to change, not a bug, so the CLI prints one line."""
+
+
+# what a resumed run may change; everything else is the run's own, as its checkpoint stored it
+RESUMABLE = ("epochs", "device", "workers")
+
+
+def resume_config(saved: dict[str, Any], changes: dict[str, Any], source: str | Path) -> TrainConfig:
+    """The stored configuration of a run, with the few options a resume may change."""
+    refused = sorted(k for k, v in changes.items() if k not in RESUMABLE and v is not None)
+    if refused:
+        raise ConfigError(f"{source}: --resume continues the run as it was configured; "
+                          f"{', '.join(refused)} cannot change (only {', '.join(RESUMABLE)} may be given)")
+    kept = {k: v for k, v in changes.items() if v is not None and v != ""}
+    return TrainConfig.from_kwargs(**{**saved, **kept})
+
+
+class LossWatch:
+    """Warns when the loss leaves its running range by orders of magnitude (a learning rate far too high shows
+    as a loss that explodes long before it turns into NaN)."""
+
+    def __init__(self, factor: float = 100.0, settle: int = 10) -> None:
+        self.level: float | None = None  # running mean of log10(loss)
+        self.factor, self.settle, self.seen = math.log10(factor), settle, 0
+
+    def update(self, loss: float) -> float | None:
+        """Feed one finite loss; returns the running level it jumped above (as a loss), else None."""
+        x = math.log10(max(loss, 1e-12))
+        jumped = self.level if self.level is not None and self.seen >= self.settle \
+            and x > self.level + self.factor else None
+        self.level = x if self.level is None else 0.9 * self.level + 0.1 * x
+        self.seen += 1
+        return 10 ** jumped if jumped is not None else None
+
+
+def nonfinite_tensors(state: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold a NaN or an infinity."""
+    bad = []
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                bad.append(f"{prefix}{k}")
+        elif isinstance(v, dict):
+            bad += nonfinite_tensors(v, f"{prefix}{k}.")
+    return bad
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: str | Path | None = None) -> None:
+    def __init__(self, config: TrainConfig | None = None, resume: str | Path | None = None,
+                 changes: dict[str, Any] | None = None) -> None:
+        """``resume``: a last.pt to continue; ``changes`` the options given with it (only epochs, device and
+        workers may differ from the stored run; without ``changes`` they come from ``config``)."""
         self.resume_from = Path(resume) if resume else None
         self.checkpoint = load_checkpoint(self.resume_from) if self.resume_from else None
         if self.checkpoint is not None:
             saved = dict(self.checkpoint.get("train_args") or {})
             if not saved:
                 raise ConfigError(f"{resume}: holds no training state (train_args); it cannot be resumed")
-            config = TrainConfig.from_kwargs(**{**saved, "device": config.device or saved.get("device", ""),
-                                                "workers": config.workers})
+            if changes is None:
+                changes = {k: getattr(config, k) for k in RESUMABLE} if config is not None else {}
+            config = resume_config(saved, changes, resume)
+        if config is None:
+            raise ConfigError("Trainer needs a TrainConfig or a checkpoint to resume")
         self.config = config
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
@@ -266,7 +356,9 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self._seed(c.seed + self.rank)
         # a resumed run takes every weight from its checkpoint; a new one checks its backbone weights first
-        model_config = load_model_config(c.cfg)
+        # a resumed run rebuilds the network it trained, from the resolved definition in its checkpoint: an
+        # edited YAML must not change it silently
+        model_config = load_model_config(self.checkpoint["config"] if self.checkpoint else c.cfg)
         weights = pretrained_weights(model_config, False if self.checkpoint else (c.pretrained or True))
 
         self.data_yaml = resolve_data(c.data).resolve() if self.main else None
@@ -275,7 +367,8 @@ class Trainer:
             torch.distributed.broadcast_object_list(shared, src=0)
             self.data_yaml = Path(shared[0])
         data = load_data_config(self.data_yaml)
-        self.config = c = c.resolved(data.defaults, self.world_size)
+        # stored absolute, so a resume from another folder finds the same data
+        self.config = c = dataclasses.replace(c.resolved(data.defaults, self.world_size), data=str(self.data_yaml))
         self.names = data.names
         self.train_samples = load_split(data, "train")
         # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
@@ -288,7 +381,7 @@ class Trainer:
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = _ultralytics.model_ema(self.model, decay=c.ema_decay) if self.main else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=c.amp and self.cuda)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp and self.cuda)
         self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
 
         scales = (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
@@ -310,6 +403,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
 
         self.start_epoch, self.best_fitness, self.history = 0, -math.inf, []
+        # warm-up is counted in images from the start of the run and fixed here: under --multi-scale the number
+        # of batches changes every epoch, images do not (YOLOv8's rule: warmup_epochs, at least 100 batches)
+        self.warmup_images = max(round(c.warmup_epochs * len(self.train_samples)), 100 * c.batch) \
+            if c.warmup_epochs > 0 else 0
+        self.images_done, self.optimizer_steps = 0, 0
+        self.consecutive_skips, self.loss_watch = 0, LossWatch()
+        self.skipped_steps, self.amp_overflows = 0, 0  # per epoch, in results.csv
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
         if self.world_size > 1:
@@ -321,6 +421,11 @@ class Trainer:
         self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
                                         max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
         self.loader = self._make_loader()
+        # every buffer (BatchNorm statistics) as it was at the start of an optimizer step's batches: a skipped
+        # step puts them back, as the train-mode forward changed them before the loss was known
+        self._buffers = list(self.model_unwrapped.buffers())
+        self._buffers_before = [b.detach().clone() for b in self._buffers]
+        self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
 
         if self.main:
             if self.checkpoint is not None:
@@ -439,6 +544,9 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"]) + 1
+        self.images_done = int(ckpt.get("images_done", 0))
+        self.optimizer_steps = int(ckpt.get("optimizer_steps", 0))
+        self.warmup_images = int(ckpt.get("warmup_images", self.warmup_images))
         self.best_fitness = float(ckpt.get("best_fitness", -math.inf))
         self.history = list(ckpt.get("history") or [])
         if self.start_epoch >= self.config.epochs:
@@ -461,9 +569,10 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> None:
         c = self.config
         nb = len(self.sampler)
-        n_warmup = max(round(c.warmup_epochs * nb), 100) if c.warmup_epochs > 0 else 0
         mean_loss = torch.zeros(3, device=self.device)
-        images_since_step, self.images_seen, self.skipped_steps = 0, 0, 0
+        self.window_loss = torch.zeros((), device=self.device)  # loss summed over an optimizer step's batches
+        images_since_step, self.images_seen, self.skipped_steps, self.amp_overflows = 0, 0, 0, 0
+        self.loss_warned = False
         start = time.time()
         bar = tqdm(self.loader, total=nb, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.main,
                    unit="batch", leave=True, dynamic_ncols=True)
@@ -474,9 +583,11 @@ class Trainer:
             self.batch_index = i
             if self.main and epoch == 0 and i < c.plot_batches:
                 plot_batch(images, targets, self.names, self.save_dir / f"train_batch{i}.jpg")
-            step = i + nb * epoch
-            if step < n_warmup:
-                self._warmup(step, n_warmup, epoch)
+            if images_since_step == 0:  # the first batch of an optimizer step: keep the buffers as they are
+                torch._foreach_copy_(self._buffers_before, self._buffers)  # one fused copy, no host sync
+            self.images_done += len(images) * self.world_size
+            if self.images_done - len(images) * self.world_size < self.warmup_images:
+                self._warmup(self.images_done / self.warmup_images, epoch)
             h, w = images.shape[-2:]
             x = images.to(self.device, non_blocking=True)
             if self.cuda:
@@ -488,6 +599,7 @@ class Trainer:
             if self.world_size > 1:
                 loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
             self.scaler.scale(loss).backward()
+            self.window_loss += loss.detach()
             mean_loss = (mean_loss * i + items) / (i + 1)
             images_since_step += self.sampler.batch_size_of(h, w) * self.world_size
             self.images_seen += len(images) * self.world_size
@@ -518,36 +630,68 @@ class Trainer:
         left = per_image * max(total - done, 0) + val_each * (c.epochs - epoch)
         return f"{_clock(time.time() - self.t0)}<{_clock(left)}"
 
-    def _warmup(self, step: int, n_warmup: int, epoch: int) -> None:
-        """Linear warm-up over steps 1..n_warmup (the first step already moves the weights): biases come down
-        from warmup_bias_lr, other groups up from 0; momentum rises."""
+    def _warmup(self, progress: float, epoch: int) -> None:
+        """Linear warm-up by the fraction of warm-up images seen after this batch (the first step already moves
+        the weights): every group rises from 0 to its scheduled lr, except that with SGD the biases come down
+        from warmup_bias_lr (an SGD habit: with AdamW's smaller lr0 it would start them at 50x lr0); SGD's
+        momentum rises from warmup_momentum."""
         c = self.config
+        progress = min(progress, 1.0)
         for j, g in enumerate(self.optimizer.param_groups):
-            start = c.warmup_bias_lr if j == 2 else 0.0
-            g["lr"] = float(np.interp(step + 1, [0, n_warmup], [start, g["initial_lr"] * self.lf(epoch)]))
+            start = c.warmup_bias_lr if j == 2 and c.optimizer == "SGD" else 0.0
+            g["lr"] = start + progress * (g["initial_lr"] * self.lf(epoch) - start)
             if c.optimizer == "SGD":
-                g["momentum"] = float(np.interp(step + 1, [0, n_warmup], [c.warmup_momentum, c.momentum]))
+                g["momentum"] = c.warmup_momentum + progress * (c.momentum - c.warmup_momentum)
 
     def _optimizer_step(self, epoch: int, i: int) -> None:
-        """Clip, then step only if the gradients are finite: a non-finite loss never reaches the weights."""
+        """Clip, then step only if the loss, the gradients and the buffers are all finite; otherwise put the
+        buffers back as they were, so a skipped step leaves every tensor unchanged."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = nn.utils.clip_grad_norm_(params, self.config.clip_grad)
-        if torch.isfinite(norm):  # one host sync per optimizer step
+        peak = torch.stack(torch._foreach_norm(self._float_buffers, ord=math.inf)).max() if self._float_buffers \
+            else torch.zeros((), device=self.device)
+        # one host sync per optimizer step for all four
+        grads_ok, buffers_ok, loss_ok, loss = torch.stack(
+            [torch.isfinite(norm).float(), torch.isfinite(peak).float(), torch.isfinite(self.window_loss).float(),
+             self.window_loss.float()]).tolist()
+        self.window_loss.zero_()
+        if grads_ok and buffers_ok and loss_ok:
             self.scaler.step(self.optimizer)
+            self.optimizer_steps += 1
+            self.consecutive_skips = 0
             if self.ema is not None:
                 self.ema.update(self.model_unwrapped)
+            level = self.loss_watch.update(loss)
+            if level is not None and not self.loss_warned and self.main:
+                self.loss_warned = True  # once per epoch
+                log.warning("epoch %d batch %d: loss %.3g is over 100x its running level %.3g; the learning rate "
+                            "(lr0 %g) may be too high", epoch + 1, i + 1, loss, level, self.lr0)
         else:
-            self.skipped_steps += 1
-            if not self.scaler.is_enabled():  # under AMP an overflow is routine: the scaler lowers its scale
-                log.warning("epoch %d batch %d: non-finite loss or gradient; step skipped, weights unchanged",
-                            epoch + 1, i + 1)
+            torch._foreach_copy_(self._buffers, self._buffers_before)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
+            if loss_ok and buffers_ok and scale > 1.0:
+                self.amp_overflows += 1  # routine under AMP: the scaler lowers its scale and the next step goes on
+            else:
+                self.skipped_steps += 1
+                self.consecutive_skips += 1
+                what = "loss" if not loss_ok else "BatchNorm statistics" if not buffers_ok else "gradient"
+                if self.main:
+                    log.warning("epoch %d batch %d: non-finite %s; step skipped, weights and buffers unchanged",
+                                epoch + 1, i + 1, what)
+                if self.consecutive_skips >= self.config.max_skipped_steps:
+                    raise TrainingDiverged(
+                        f"stopped at epoch {epoch + 1} batch {i + 1}: {self.consecutive_skips} optimizer steps in a "
+                        f"row had a non-finite {what}; lower --lr0 (now {self.lr0:g}) or check the data "
+                        f"(max_skipped_steps {self.config.max_skipped_steps})")
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_epoch(self, epoch: int) -> None:
         c = self.config
-        self.scheduler.step()
+        with warnings.catch_warnings():  # an epoch whose steps were all skipped is reported in results.csv instead
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         if self.main:
             metrics: dict[str, Any] = {}
             if self.evaluator is not None:
@@ -562,7 +706,7 @@ class Trainer:
                    "train/dfl_loss": self.epoch_loss[2],
                    **{f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)},
                    **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
-                   "fitness": score, "skipped_steps": self.skipped_steps}
+                   "fitness": score, "skipped_steps": self.skipped_steps, "amp_overflows": self.amp_overflows}
             self.history.append(row)
             self._write_results()
             if score >= self.best_fitness:  # ties go to the later, longer-trained epoch
@@ -576,13 +720,22 @@ class Trainer:
             torch.distributed.barrier()
 
     def _save(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
+        """Write a checkpoint, only when every tensor in it is finite."""
+        bad = nonfinite_tensors({"model": self.model_unwrapped.state_dict(), "ema": self.ema.ema.state_dict(),
+                                 "optimizer": self.optimizer.state_dict()["state"]})
+        if bad:
+            raise TrainingDiverged(f"epoch {epoch + 1}: {len(bad)} tensor(s) are not finite ({', '.join(bad[:3])}"
+                                   f"{', ...' if len(bad) > 3 else ''}); {name} not written; lower --lr0 (now "
+                                   f"{self.lr0:g})")
         scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         save_checkpoint(self.save_dir / "weights" / name, self.model_unwrapped, ema=self.ema.ema,
                         optimizer=self.optimizer, epoch=epoch, metrics=scalar,
                         extra={"train_args": dataclasses.asdict(self.config), "scheduler": self.scheduler.state_dict(),
                                "scaler": self.scaler.state_dict(), "ema_updates": int(self.ema.updates),
                                "best_fitness": float(self.best_fitness), "history": self.history,
-                               "imgsz": int(self.config.imgsz), "data": str(self.data_yaml)})
+                               "imgsz": int(self.config.imgsz), "data": str(self.data_yaml),
+                               "images_done": self.images_done, "optimizer_steps": self.optimizer_steps,
+                               "warmup_images": self.warmup_images})
 
     def _write_results(self) -> None:
         path = self.save_dir / "results.csv"
@@ -628,5 +781,7 @@ def plot_results(history: list[dict[str, Any]], path: Path) -> None:
 def train(cfg: str = "mobilenetv3_large.yaml", data: str | None = "shapes", resume: str | Path | None = None,
           **hyp: Any) -> tuple[Path | None, dict[str, Any]]:
     """Train as ``yolo-mobile train`` does; returns the run folder and the last epoch's metrics."""
+    if resume:  # the run's own configuration; only epochs, device and workers may be given
+        return Trainer(resume=resume, changes=hyp).run()
     config = TrainConfig.from_kwargs(cfg=cfg, data=str(data) if data is not None else "shapes", **hyp)
-    return Trainer(config, resume=resume).run()
+    return Trainer(config).run()
