@@ -252,3 +252,10 @@ def test_resume_from_another_folder_finds_relative_data(shapes, tmp_path, monkey
     resumed = Trainer(resume=last, changes={})
     resumed.before_train()
     assert resumed.data_yaml == shapes.resolve()
+
+
+def test_results_log_the_lr_the_epoch_trained_with(shapes, tmp_path):
+    trainer = one_epoch_run(shapes, tmp_path, "yolov5n.yaml")  # warm-up of 400 images, still on after 16
+    with open(trainer.save_dir / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["lr/pg0"]) == pytest.approx(16 / 400 * trainer.lr0)  # not the next epoch's scheduled lr

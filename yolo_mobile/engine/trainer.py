@@ -689,6 +689,7 @@ class Trainer:
 
     def after_epoch(self, epoch: int) -> None:
         c = self.config
+        epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what this epoch trained with, for results.csv
         with warnings.catch_warnings():  # an epoch whose steps were all skipped is reported in results.csv instead
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
@@ -704,7 +705,7 @@ class Trainer:
                    "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
                    "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
                    "train/dfl_loss": self.epoch_loss[2],
-                   **{f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)},
+                   **{f"lr/pg{j}": lr for j, lr in enumerate(epoch_lrs)},
                    **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
                    "fitness": score, "skipped_steps": self.skipped_steps, "amp_overflows": self.amp_overflows}
             self.history.append(row)
