@@ -3,8 +3,10 @@
     python scripts/profile_model.py --cfg emo_1m.yaml mobilevit_xxs.yaml --imgsz 640 --threads 1
 
 ONNX Runtime: each node's kernel time is the minimum over ``--runs`` runs (robust to a noisy machine), summed by
-operator type. PyTorch: self CPU time per aten operator of the fused channels_last model, over the same runs.
-One thread by default, so the figures add up and do not depend on the other core's load.
+operator type; with ``--conv-kinds``, convolutions are split by kind (dense, depthwise, depthwise with a channel
+multiplier, grouped; kernel size), read from the graph ONNX Runtime optimised. PyTorch: self CPU time per aten
+operator of the fused channels_last model, over the same runs. One thread by default, so the figures add up and do
+not depend on the other core's load.
 """
 
 import argparse
@@ -21,9 +23,40 @@ from yolo_mobile.detector import inference_copy
 from yolo_mobile.export.onnx import export_onnx
 
 
-def ort_profile(path: Path, imgsz: int, runs: int, threads: int) -> dict[str, float]:
+def conv_kinds(path: Path) -> dict[str, str]:
+    """Node name -> 'dense 3x3', 'depthwise 3x3', 'depthwise 3x3 x4 multiplier', 'grouped 1x1 (4 groups)'."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    kinds = {}
+    for node in graph.node:
+        if not node.op_type.endswith("Conv") or len(node.input) < 2 or len(dims.get(node.input[1], [])) != 4:
+            continue
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        c_out, c_in_per_group, kh, kw = dims[node.input[1]]
+        size = f"{kh}x{kw}"
+        if groups == 1:
+            kinds[node.name] = f"Conv dense {size}"
+        elif c_in_per_group == 1:
+            multiplier = c_out // groups
+            kinds[node.name] = f"Conv depthwise {size}" + (f" x{multiplier} multiplier" if multiplier > 1 else "")
+        else:
+            kinds[node.name] = f"Conv grouped {size} ({groups} groups)"
+    return kinds
+
+
+def ort_profile(path: Path, imgsz: int, runs: int, threads: int, by_conv_kind: bool = False) -> dict[str, float]:
     import onnxruntime as ort
 
+    kinds = {}
+    if by_conv_kind:  # node names of the graph as optimised, which is what the profile reports
+        optimised = path.with_suffix(".optimised.onnx")
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(optimised)
+        options.intra_op_num_threads = threads
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        kinds = conv_kinds(optimised)
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix(""))
@@ -38,7 +71,7 @@ def ort_profile(path: Path, imgsz: int, runs: int, threads: int) -> dict[str, fl
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_node[e["name"]].append(e["dur"])
-            op_of[e["name"]] = e["args"]["op_name"]
+            op_of[e["name"]] = kinds.get(e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])
     by_op: collections.Counter = collections.Counter()
     for node, durations in per_node.items():
         by_op[op_of[node]] += min(durations) / 1000
@@ -70,6 +103,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--conv-kinds", action="store_true", help="split ONNX Runtime's Conv time by kind")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +114,8 @@ def main() -> None:
             export_onnx(model, path, imgsz=args.imgsz)
             print(f"## {cfg} at {args.imgsz}: {info['gflops']:.2f} GFLOPs, {args.threads} thread(s)\n")
             print(table("ONNX Runtime, sum of per-node minimum kernel time", ort_profile(path, args.imgsz, args.runs,
-                                                                                           args.threads), args.top))
+                                                                                           args.threads,
+                                                                                           args.conv_kinds), args.top))
             print()
             print(table("PyTorch eager, self CPU time per run", torch_profile(inference_copy(model), args.imgsz,
                                                                                  args.runs), args.top))

@@ -157,3 +157,18 @@ def test_cli_benchmark_writes_files(tmp_path, capsys):
     assert out.is_file() and out.with_suffix(".csv").is_file() and out.with_suffix(".png").is_file()
     assert main(["benchmark", "--cfg", "yolov5n.yaml", "--imgsz", "64", "100"]) == 2
     assert "multiple of 32, got 100" in capsys.readouterr().err
+
+
+def test_profile_script_labels_convolutions_by_kind(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_model", Path(__file__).parents[1] / "scripts" /
+                                                  "profile_model.py")
+    profile_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_model)
+    convs = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                torch.nn.Conv2d(8, 32, 3, padding=1, groups=8), torch.nn.Conv2d(32, 16, 1, groups=4))
+    path = tmp_path / "convs.onnx"
+    torch.onnx.export(convs, (torch.rand(1, 4, 8, 8),), str(path), dynamo=False)
+    assert sorted(profile_model.conv_kinds(path).values()) == [
+        "Conv dense 3x3", "Conv depthwise 3x3", "Conv depthwise 3x3 x4 multiplier", "Conv grouped 1x1 (4 groups)"]

@@ -5,7 +5,8 @@ from yolo_mobile.config import ConfigError, find_model_yaml, list_builtin_models
 
 EXPECTED_MODELS = {"mobilevit_xxs.yaml", "mobilevit_xs.yaml", "mobilevit_s.yaml", "mobilenetv3_large.yaml",
                    "fastvit_t8.yaml", "fastvit_t12.yaml", "fastvit_sa12.yaml", "yolov5n.yaml", "yolov5s.yaml",
-                   "emo_1m.yaml", "emo_2m.yaml", "emo_5m.yaml", "emo_6m.yaml"}
+                   "emo_1m.yaml", "emo_2m.yaml", "emo_5m.yaml", "emo_6m.yaml", "mobile_former_96m.yaml",
+                   "mobile_former_151m.yaml", "mobile_former_294m.yaml", "mobile_former_508m.yaml"}
 
 
 def write(tmp_path, text, name="m.yaml"):

@@ -60,6 +60,8 @@ def test_info_reports_params_and_gflops(cfg):
     ratio = model.info(imgsz=640)["gflops"] / info["gflops"]
     if cfg.startswith(("mobilevit", "fastvit_sa")):
         assert ratio > 4.02
+    elif cfg.startswith("mobile_former"):
+        assert 3.85 < ratio < 4  # its global tokens' work (Former, token projections) does not grow with pixels
     else:
         assert ratio == pytest.approx(4, rel=0.1 if cfg.startswith("emo") else 0.01)
 
