@@ -4,8 +4,10 @@ import pytest
 import torch
 from conftest import BACKBONE_ARGS, randomize_bn
 
+from yolo_mobile import build_model
 from yolo_mobile.backbones import build_backbone, fastvit, list_backbones, mobilevit
-from yolo_mobile.backbones.base import forward_check
+from yolo_mobile.backbones.base import check_backbone, forward_check
+from yolo_mobile.config import ConfigError
 
 SIZES = [(320, 320), (256, 416)]
 
@@ -72,10 +74,59 @@ def test_mobilevit_drops_final_conv(variant):
     forward_check(backbone, torch.rand(1, 3, 96, 160))
 
 
-def test_mobilenetv3_reduced_tail_taps():
-    backbone = make("mobilenetv3")
-    assert backbone.channels == [40, 112, 480]
-    assert make("mobilenetv3", reduced_tail=False).channels == [40, 112, 960]
+@pytest.mark.parametrize(("variant", "full", "reduced"), [("large", [40, 112, 960], [40, 112, 480]),
+                                                     ("small", [24, 48, 576], [24, 48, 288])])
+def test_mobilenetv3_variants_and_tails(variant, full, reduced):
+    """Small taps features[3]/[8]/[12]; the reduced tail halves the stride-32 map, both ways for both variants."""
+    assert make("mobilenetv3", variant=variant, reduced_tail=False).channels == full
+    backbone = make("mobilenetv3", variant=variant)
+    assert backbone.channels == reduced and backbone.strides == [8, 16, 32]
+    forward_check(backbone, torch.rand(1, 3, 64, 96))
+
+
+def test_mobilenetv3_width_mult_rounds_channels_and_feeds_the_neck():
+    backbone = make("mobilenetv3", variant="small", width_mult=0.6)
+    # torchvision's rounding to multiples of 8: 24 x 0.6 -> 16, 48 x 0.6 -> 32, 6 x (96 x 0.6 / 2 -> 32) = 192
+    assert backbone.channels == [16, 32, 192]
+    model = build_model({"nc": 2, "backbone": {"name": "mobilenetv3", "variant": "small", "width_mult": 0.6}})
+    assert model.neck.sppf.cv1.conv.in_channels == 192 and model.neck.td3.cv1.conv.in_channels == 64 + 16
+    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 4 + 2, 8 * 8 + 4 * 4 + 2 * 2)
+
+
+@pytest.mark.parametrize("variant", ["large", "small"])
+def test_mobilenetv3_dilated_keeps_stride_16(variant):
+    backbone = make("mobilenetv3", variant=variant, dilated=True)
+    plain = make("mobilenetv3", variant=variant)
+    assert backbone.strides == [8, 16, 16] and backbone.channels == plain.channels
+    forward_check(backbone, torch.rand(1, 3, 64, 96))  # the last map is 4 x 6, not 2 x 3
+
+
+def test_mobilenetv3_bad_options_name_the_yaml_line(tmp_path):
+    yaml = tmp_path / "m.yaml"
+    for line, message in [("width_mult: 0", "mobilenetv3 width_mult must be a positive number, got 0"),
+                          ("dilated: 2", "mobilenetv3 dilated must be true or false, got 2"),
+                          ("variant: medium", "unknown mobilenetv3 variant 'medium'; valid: large, small")]:
+        yaml.write_text(f"nc: 3\nbackbone:\n  name: mobilenetv3\n  {line}\n")
+        with pytest.raises(ConfigError, match=f"m.yaml:2: {message}"):
+            build_model(yaml)
+
+
+def test_strides_must_rise_by_one_or_two():
+    class Strided(torch.nn.Module):
+        channels = [8, 8, 8]
+
+        def __init__(self, strides):
+            super().__init__()
+            self.strides = strides
+
+    for ok in ([8, 16, 32], [8, 16, 16], [8, 8, 16]):
+        check_backbone(Strided(ok))
+    for bad, message in [([8, 32, 32], r"strides \[8, 32, 32\] do not rise by x1 or x2"),
+                         ([16, 8, 8], r"strides \[16, 8, 8\] do not rise"),
+                         ([8, 16, 64], r"3 ints that divide 32 .* got \[8, 16, 64\]"),
+                         ([8, 16], r"got \[8, 16\]")]:
+        with pytest.raises(ValueError, match=message):
+            check_backbone(Strided(bad), "strided")
 
 
 def test_timm_unknown_model_says_so():

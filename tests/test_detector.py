@@ -58,7 +58,7 @@ def test_info_reports_params_and_gflops(cfg):
     # convolutions scale with pixels (4x from 320 to 640); global attention grows faster, with tokens squared;
     # EMO's windowed attention scales with pixels too, but padding maps to multiples of 7 blurs the ratio
     ratio = model.info(imgsz=640)["gflops"] / info["gflops"]
-    if cfg.startswith(("mobilevit", "fastvit_sa")):
+    if cfg.startswith(("mobilevit", "fastvit_sa", "deit", "convit")):
         assert ratio > 4.02
     elif cfg.startswith("mobile_former"):
         assert 3.85 < ratio < 4  # its global tokens' work (Former, token projections) does not grow with pixels
@@ -111,3 +111,41 @@ def test_flop_count_includes_cpu_attention():
     b, heads, tokens, dim = 2, 4, 64, 32
     flops = count_flops(Attention(), torch.rand(b, heads, tokens, dim))
     assert flops == 2 * (2 * b * heads * tokens * tokens * dim)  # q @ k^T and attn @ v, 2 FLOPs per MAC
+
+
+def test_dilated_backbone_strides_8_16_16_through_neck_head_and_loss():
+    """The neck joins P4 and P5 as they are (x1) and the head and loss use the declared strides 8/16/16."""
+    from yolo_mobile.loss import DetectionLoss
+
+    model = build_model({"nc": 3, "backbone": {"name": "mobilenetv3", "variant": "small", "dilated": True}})
+    assert model.strides == model.head.strides == [8, 16, 16]
+    assert isinstance(model.neck.up5, torch.nn.Identity) and model.neck.down4.conv.stride == (1, 1)
+    assert isinstance(model.neck.up4, torch.nn.Upsample) and model.neck.down3.conv.stride == (2, 2)
+    x = torch.rand(2, 3, 64, 96)
+    maps = model.train()(x)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(8, 12), (4, 6), (4, 6)]
+    targets = torch.tensor([[[0, 4.0, 8, 40, 50], [2, 50, 10, 90, 60]], [[1, 30, 30, 62, 62], [-1, 0, 0, 0, 0]]])
+    loss, items = DetectionLoss(3, model.strides)(maps, targets)
+    assert torch.isfinite(items).all() and items[0] > 0
+    loss.backward()
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert out.shape == (2, 4 + 3, 8 * 12 + 2 * 4 * 6)
+    # the third map decodes with stride 16: with 32 its centres would reach 6 x 32 = 192 px on a 96 px input
+    assert out[:, 0].max() <= 96 and out[:, 1].max() <= 64
+
+
+def test_strides_the_neck_cannot_join_fail_at_build_with_the_strides():
+    from yolo_mobile.backbones import register_backbone
+    from yolo_mobile.backbones.base import BACKBONES
+    from yolo_mobile.config import ConfigError
+
+    class Skips(torch.nn.Module):
+        channels, strides = [8, 8, 8], [8, 32, 32]
+
+    register_backbone("_skips", Skips)
+    try:
+        with pytest.raises(ConfigError, match=r"strides \[8, 32, 32\] do not rise by x1 or x2"):
+            build_model({"backbone": {"name": "_skips"}})
+    finally:
+        BACKBONES._builders.pop("_skips")

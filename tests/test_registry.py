@@ -39,11 +39,11 @@ def test_contract_is_checked_on_build():
     class WrongStrides(Backbone):
         def __init__(self):
             super().__init__()
-            self.channels, self.strides = [8, 8, 8], [4, 8, 16]
+            self.channels, self.strides = [8, 8, 8], [8, 32, 32]
 
     register_backbone("_wrong_strides", WrongStrides)
     try:
-        with pytest.raises(ValueError, match=r"strides.*\[8, 16, 32\]"):
+        with pytest.raises(ValueError, match=r"_wrong_strides.*strides \[8, 32, 32\] do not rise by x1 or x2"):
             build_backbone("_wrong_strides")
     finally:
         BACKBONES._builders.pop("_wrong_strides")

@@ -11,12 +11,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .backbones import build_backbone
+from .backbones.base import MAX_STRIDE
 from .config import ConfigError, ModelConfig, load_model_config
 from .head import DetectHead
 from .layers import fold_conv_bn
 from .neck import PAN
-
-MAX_STRIDE = 32
 
 
 class Detector(nn.Module):
@@ -170,8 +169,8 @@ def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None =
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"{config.backbone_at}: {e}") from e
     try:
-        neck = PAN(list(backbone.channels), depth=config.neck.depth, width=config.neck.width, act=config.neck.act,
-                   sppf_kernel=config.neck.sppf_kernel)
+        neck = PAN(list(backbone.channels), list(backbone.strides), depth=config.neck.depth, width=config.neck.width,
+                   act=config.neck.act, sppf_kernel=config.neck.sppf_kernel)
         head = DetectHead(config.nc, neck.channels, list(backbone.strides), reg_max=config.head.reg_max,
                           act=config.head.act)
     except ValueError as e:

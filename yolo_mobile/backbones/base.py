@@ -1,7 +1,9 @@
-"""The backbone contract: 3 feature maps at strides 8, 16, 32, with their channels and strides declared."""
+"""The backbone contract: 3 feature maps, with their channels and strides declared (8/16/32 for most; strides
+that rise by x1 or x2 and divide 32 are allowed, e.g. 8/16/16 for a dilated last stage)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from ..registry import Registry
 
 BACKBONES = Registry("backbone", group="yolo_mobile.backbones")
 DETECTION_STRIDES = [8, 16, 32]
+MAX_STRIDE = 32  # inputs are multiples of this, so every map of a stride that divides it tiles the input exactly
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,8 +61,24 @@ def check_backbone(backbone: nn.Module, name: str = "") -> None:
         raise TypeError(f"{label} is a {type(backbone).__name__}, not an nn.Module")
     if not (isinstance(channels, (list, tuple)) and len(channels) == 3 and all(int(c) > 0 for c in channels)):
         raise ValueError(f"{label} must declare `channels` as 3 positive ints, got {channels!r}")
-    if list(strides or []) != DETECTION_STRIDES:
-        raise ValueError(f"{label} must declare `strides` == {DETECTION_STRIDES}, got {strides!r}")
+    try:
+        stride_steps(strides)
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
+
+
+def stride_steps(strides: list[int]) -> list[int]:
+    """The factor between consecutive strides (each 1 or 2: the neck joins maps by nearest upsampling and stride-2
+    convolutions); raises ValueError naming the strides for anything else."""
+    strides = list(strides or [])
+    if not (len(strides) == 3 and all(isinstance(s, int) and s > 0 and MAX_STRIDE % s == 0 for s in strides)):
+        raise ValueError(f"`strides` must be 3 ints that divide {MAX_STRIDE} (usually {DETECTION_STRIDES}), "
+                         f"got {strides!r}")
+    steps = [b // a if b % a == 0 else 0 for a, b in itertools.pairwise(strides)]
+    if any(step not in (1, 2) for step in steps):
+        raise ValueError(f"strides {strides} do not rise by x1 or x2 from map to map; the neck joins maps of "
+                         "equal stride or of twice the stride only")
+    return steps
 
 
 def pick_variant(family: str, variant: str, table: dict[str, Any]) -> Any:
