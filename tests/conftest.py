@@ -9,7 +9,7 @@ COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "
 needs_coco128 = pytest.mark.skipif(not (COCO128 / "coco128.yaml").is_file(), reason="../shared/datasets/coco128 absent")
 
 # Arguments for registered backbones that cannot be built without any; every other backbone is built bare.
-BACKBONE_ARGS = {"timm": {"model": "efficientvit_b0"}}
+BACKBONE_ARGS = {"timm": {"model": "efficientvit_b0"}, "vit": {"model": "deit_tiny_patch16_224"}}
 
 
 @pytest.fixture(autouse=True)

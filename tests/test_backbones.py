@@ -46,7 +46,7 @@ def test_reparameterize_keeps_outputs(name):
     assert n_left == 0 if name in FOLDS_ALL_BN else n_left < n_bn
 
 
-FOLDS_ALL_BN = {"mobilevit", "mobilenetv3", "cspdarknet", "mobile_former"}  # EMO and FastViT keep pre-norm BNs
+FOLDS_ALL_BN = {"mobilevit", "mobilenetv3", "cspdarknet", "mobile_former", "vit"}  # EMO and FastViT keep pre-norm BNs
 
 
 @pytest.mark.parametrize("variant", list(fastvit.VARIANTS)[:4])

@@ -130,6 +130,15 @@ def test_export_parity_static_and_dynamic(tmp_path, cfg):
     assert not model.fused  # the caller's model is left unfused
 
 
+@pytest.mark.parametrize("cfg", ["deit_tiny.yaml", "convit_tiny.yaml",
+                                 {"backbone": {"name": "mobilenetv3", "variant": "small", "dilated": True}}],
+                         ids=["deit", "convit", "dilated"])
+def test_export_parity_dynamic_small_sizes(tmp_path, cfg):
+    """ViTs resample position embeddings (and ConViT its grid offsets) per input: the graph must stay dynamic."""
+    report = export_onnx(lively(cfg), tmp_path / "m.onnx", imgsz=128, dynamic=True)
+    assert report["checked"][1].endswith("2x3x64x192") and report["max_abs_diff"] < 1e-3
+
+
 def test_nms_in_graph_matches_pytorch_path(tmp_path):
     """The embedded NMS keeps exactly what the PyTorch post-processing keeps from the same raw predictions."""
     model = lively()

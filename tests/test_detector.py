@@ -149,3 +149,19 @@ def test_strides_the_neck_cannot_join_fail_at_build_with_the_strides():
             build_model({"backbone": {"name": "_skips"}})
     finally:
         BACKBONES._builders.pop("_skips")
+
+
+@pytest.mark.parametrize("cfg", ["mobilenetv3_small.yaml", "deit_tiny.yaml", "convit_tiny.yaml",
+                                 {"backbone": {"name": "mobilenetv3", "dilated": True}}],
+                         ids=["mobilenetv3_small", "deit", "convit", "dilated"])
+def test_one_training_step(cfg):
+    from yolo_mobile.loss import DetectionLoss
+
+    model = build_model(cfg, nc=2).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    targets = torch.tensor([[[0, 4.0, 8, 40, 50]], [[1, 20, 30, 60, 62]]])
+    loss, items = DetectionLoss(2, model.strides)(model(torch.rand(2, 3, 64, 64)), targets)
+    first = next(model.backbone.parameters()).detach().clone()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(items).all() and not torch.equal(first, next(model.backbone.parameters()))

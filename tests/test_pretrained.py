@@ -8,7 +8,7 @@ import timm
 import torch
 from conftest import randomize_bn
 from safetensors.torch import save_file
-from torchvision.models import mobilenet_v3_large
+from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 
 from yolo_mobile import build_model, load_model
 from yolo_mobile.backbones.emo import _run_stages, emo_classifier
@@ -143,6 +143,44 @@ def test_mobilenetv3_reduced_tail_loads_what_matches_with_strict_false(tmp_path)
     with torch.no_grad():
         got, expected = model.eval().backbone(x), features(x)
     assert _max_diff(got[:2], expected[:2]) < TOLERANCE  # the reduced tail (stride 32) stays as initialised
+
+
+def test_mobilenetv3_small_file_loads_full_tail_and_names_the_reduced_tail_mismatch(tmp_path):
+    ref = mobilenet_v3_small(weights=None)
+    randomize_bn(ref)
+    weights = _save(ref.eval().state_dict(), tmp_path / "mobilenet_v3_small.pth", None, "")
+    yaml = tmp_path / "small.yaml"
+    small = "{name: mobilenetv3, variant: small"
+    yaml.write_text(f"nc: 3\nbackbone: {small}, reduced_tail: false, pretrained: {weights}}}\n")
+    model = build_model(yaml)
+    assert model.pretrained_report.fraction == 1.0 and model.pretrained_report.style == "torchvision"
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        got, expected = model.eval().backbone(x), ref.features[:13](x)
+    assert (got[2] - expected).abs().max() < TOLERANCE  # the final 1x1 expansion, 576 channels
+    yaml.write_text(f"nc: 3\nbackbone: {small}, pretrained: {weights}}}\n")  # the reduced tail, by default
+    with pytest.raises(ConfigError, match=r"small.yaml:2: .*loaded 158/206 tensors .*76\.7%, torchvision(.|\n)*"
+                                          r"shape mismatch: 48: features\.9\.block\.3\.0\.weight "
+                                          r"file \[96, 288, 1, 1\] vs model \[48, 288, 1, 1\]"):
+        build_model(yaml)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "convit_tiny"])
+def test_timm_vit_file_loads_all_but_the_pyramid(name, tmp_path):
+    ref = timm.create_model(name, pretrained=False).eval()
+    weights = _save(ref.state_dict(), tmp_path / f"{name}.safetensors", None, "")
+    assert guess_family(read_weights(weights).tensors) == ("vit", "timm ConViT" if "convit" in name else "timm ViT")
+    yaml = tmp_path / "vit.yaml"
+    yaml.write_text(f"nc: 3\nbackbone: {{name: vit, model: {name}, pretrained: {weights}}}\n")
+    model = build_model(yaml)
+    report = model.pretrained_report
+    # every tensor of the ViT loads; the pyramid is new (2 convolutions, 2 BatchNorms), the classifier unused
+    assert len(report.missing) == 10 and all(k.startswith("pyramid.") for k in report.missing)
+    assert not report.mismatched and all(k.startswith("model.head") for k in report.unexpected)
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[0]
+        assert _max_diff(model.eval().backbone(x)[1:2], [expected]) < 1e-4
 
 
 def test_wrong_family_fails_and_says_so(tmp_path):

@@ -108,16 +108,17 @@ def _conv_norm_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[nn.Conv2d, nn.Module]:
+def _fold(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.Module, nn.Module]:
     """Return (conv with the BN folded in, what replaces the BN): identity, or the act of timm's BatchNormAct2d."""
-    fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    fused = fuse_conv_bn_eval(conv.eval(), bn.eval(), transpose=isinstance(conv, nn.ConvTranspose2d))
     rest: list[nn.Module] = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
     rest = [m for m in rest if not isinstance(m, nn.Identity)]
     return fused, (nn.Sequential(*rest) if rest else nn.Identity())
 
 
 def fold_conv_bn(model: nn.Module, extra_types: tuple[type, ...] = ()) -> int:
-    """Fold every BatchNorm2d that directly follows a Conv2d into the conv's weights; returns how many.
+    """Fold every BatchNorm2d that directly follows a Conv2d (or, in a Sequential, a ConvTranspose2d) into the
+    conv's weights; returns how many.
 
     Two patterns are safe to fold without tracing: consecutive children of an ``nn.Sequential`` and the
     ``conv`` -> ``bn``/``norm`` pair of known Conv-Norm-Act modules (plus ``extra_types``, a backbone's own).
@@ -130,7 +131,7 @@ def fold_conv_bn(model: nn.Module, extra_types: tuple[type, ...] = ()) -> int:
             names = list(module._modules)
             for a, b in itertools.pairwise(names):
                 conv, bn = module._modules[a], module._modules[b]
-                if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+                if type(conv) in (nn.Conv2d, nn.ConvTranspose2d) and isinstance(bn, nn.BatchNorm2d):
                     module._modules[a], module._modules[b] = _fold(conv, bn)
                     folded += 1
         elif isinstance(module, known):
