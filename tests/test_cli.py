@@ -11,6 +11,15 @@ def test_models_lists_yamls_and_backbones(capsys):
     assert "fastvit" in out and "timm" in out
 
 
+def test_model_table_shows_a_backbones_own_pyramid_apart():
+    from yolo_mobile.cli import model_table
+
+    header, _, deit, mobilenet = model_table(["deit_tiny.yaml", "mobilenetv3_small.yaml"], imgsz=64)
+    assert header.startswith("| model | backbone params (M) | detector params (M) | GFLOPs @64 |")
+    assert deit.startswith("| deit_tiny | 5.52 + 0.22 pyramid | ")  # timm's DeiT-Ti without its classifier
+    assert mobilenet.startswith("| mobilenetv3_small | 0.44 | ") and "pyramid" not in mobilenet
+
+
 def test_info_prints_summary(capsys):
     assert main(["info", "--cfg", "yolov5n.yaml", "--imgsz", "320"]) == 0
     out = capsys.readouterr().out
