@@ -115,7 +115,8 @@ def main() -> None:
             copy.write_bytes(path.read_bytes())
             print(f"## {path} at {args.imgsz}, {args.threads} thread(s)\n")
             print(table("ONNX Runtime, sum of per-node minimum kernel time", ort_profile(copy, args.imgsz, args.runs,
-                                                                                           args.threads), args.top))
+                                                                                           args.threads,
+                                                                                           args.conv_kinds), args.top))
             print()
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in args.cfg or []:
