@@ -24,7 +24,8 @@ def run(path, x):
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-@pytest.mark.parametrize("cfg", FAMILY_CFGS, ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm"])
+@pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml"],
+                         ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm", "mobile_former"])
 def test_every_family_quantizes_with_a_float_decode(tmp_path, cfg):
     float_path, int8_path = tmp_path / "m.onnx", tmp_path / "m_int8.onnx"
     export_onnx(lively(cfg, nc=4), float_path, imgsz=SIZE)
