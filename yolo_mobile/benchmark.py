@@ -398,9 +398,9 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
     if "onnxruntime" in config.backends:
         text += "; ONNX Runtime on the file `yolo-mobile export` writes"
     if "onnxruntime-int8" in config.backends:
-        text += (f"; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode in "
-                 f"float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images, timed interleaved with the float "
-                 "file")
+        text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode and "
+                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images, timed interleaved with "
+                 "the float file")
     text += (f". img/s: batch {config.batch}, torch eager. peak MB: memory one forward at that batch needs above "
              "the loaded model.")
     if config.train_speed:
