@@ -1,6 +1,7 @@
 """Where a model's time goes: ONNX Runtime's per-operator profile and torch.profiler's, side by side.
 
     python scripts/profile_model.py --cfg emo_1m.yaml mobilevit_xxs.yaml --imgsz 640 --threads 1
+    python scripts/profile_model.py --onnx best.onnx best_int8.onnx --imgsz 320     # exported files, ORT only
 
 ONNX Runtime: each node's kernel time is the minimum over ``--runs`` runs (robust to a noisy machine), summed by
 operator type; with ``--conv-kinds``, convolutions are split by kind (dense, depthwise, depthwise with a channel
@@ -98,7 +99,9 @@ def table(title: str, times: dict[str, float], top: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cfg", nargs="+", required=True)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cfg", nargs="+")
+    group.add_argument("--onnx", nargs="+", type=Path, help="exported files (float or INT8): ONNX Runtime only")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
@@ -106,8 +109,17 @@ def main() -> None:
     parser.add_argument("--conv-kinds", action="store_true", help="split ONNX Runtime's Conv time by kind")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    for path in args.onnx or []:
+        with tempfile.TemporaryDirectory() as tmp:  # the profile's JSON goes there
+            copy = Path(tmp) / path.name
+            copy.write_bytes(path.read_bytes())
+            print(f"## {path} at {args.imgsz}, {args.threads} thread(s)\n")
+            print(table("ONNX Runtime, sum of per-node minimum kernel time", ort_profile(copy, args.imgsz, args.runs,
+                                                                                           args.threads,
+                                                                                           args.conv_kinds), args.top))
+            print()
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in args.cfg:
+        for cfg in args.cfg or []:
             model = build_model(cfg, pretrained=False)
             info = model.info(args.imgsz)
             path = Path(tmp) / f"{Path(cfg).stem}.onnx"

@@ -24,7 +24,8 @@ from torch import nn
 from .engine.memory import peak_bytes, random_targets
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+INT8_CALIBRATION_IMAGES = 16  # drawn shapes-set images: the benchmark needs no data
 
 
 def time_fn(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> dict[str, float]:
@@ -52,17 +53,30 @@ def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = Non
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def onnx_latency(path: str | Path, imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None, cuda: bool = False, half: bool = False) -> dict[str, Any]:
-    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz."""
-    session = onnx_session(path, cuda, threads)
+def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
+                 threads: int | None = None, cuda: bool = False, half: bool = False,
+                 rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved: the
+    ``runs`` are split into ``rounds`` blocks that alternate between the files, so a load that comes and goes on
+    a shared machine falls on all of them alike."""
+    sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
     x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    if half:
-        x = x.astype(np.float16)
-    name = session.get_inputs()[0].name
-    result = time_fn(lambda: session.run(None, {name: x}), runs, warmup)
-    result["provider"] = session.get_providers()[0]
-    return result
+    feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
+             for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    rounds = max(1, min(rounds, runs))
+    for r in range(rounds):
+        n = runs // rounds + (r < runs % rounds)
+        for k, s in sessions.items():
+            for _ in range(n):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append((time.perf_counter() - t) * 1000)
+    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v),
+                "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
 
 
 @dataclass
@@ -101,11 +115,13 @@ class BenchmarkConfig:
         device = select_device(self.device)
         if self.half and device.type != "cuda":
             raise ConfigError("--half needs a CUDA device (fp16 kernels do not run on the CPU): add --device 0")
-        if "onnxruntime" in self.backends:
+        if {"onnxruntime", "onnxruntime-int8"} & set(self.backends):
             try:
                 import onnxruntime  # noqa: F401
             except ImportError:
                 raise ConfigError("--backend onnxruntime needs onnxruntime: pip install onnxruntime") from None
+        if "onnxruntime-int8" in self.backends and self.half:
+            raise ConfigError("--backend onnxruntime-int8 quantizes the float32 export: drop --half")
         if self.map_file is not None:
             read_map_file(self.map_file)
 
@@ -210,6 +226,14 @@ def train_speed(model, imgsz: int, batch: int, device, steps: int = 5, warmup: i
     return batch * 1000 / timing["median_ms"]
 
 
+def shapes_images(imgsz: int, n: int = INT8_CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """Images of the built-in shapes set, drawn in memory at ``imgsz`` (the INT8 columns' calibration set)."""
+    from .datasets.synthetic import draw_sample
+
+    rng = np.random.default_rng(0)
+    return [draw_sample(rng, imgsz)[0] for _ in range(n)]
+
+
 @dataclass
 class Candidate:
     """One model to measure: its display name, where it comes from and how to build it (untrained)."""
@@ -234,6 +258,7 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
     """All measurements of one model at one size."""
     from .detector import count_flops, inference_copy
     from .engine.device import select_device
+    from .export.int8 import quantize_onnx
     from .export.onnx import export_onnx
 
     device = select_device(config.device)
@@ -270,16 +295,29 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
             row["compiled_ms"], row["compiled_p90_ms"] = t["median_ms"], t["p90_ms"]
             torch._dynamo.reset()  # compiled graphs hold memory; the next model starts clean
         del fused
-    if "onnxruntime" in config.backends:
+    files = {}
+    if {"onnxruntime", "onnxruntime-int8"} & set(config.backends):
         path = workdir / f"{candidate.name.replace(' ', '_')}_{imgsz}.onnx"
         report = export_onnx(model, path, imgsz=imgsz, half=config.half,
                              device=str(device.index if device.type == "cuda" else "cpu"))
         row["onnx_max_diff"], row["onnx_mb"], row["export_s"] = report["max_abs_diff"], report["size_mb"], \
             report["export_s"]
-        t = onnx_latency(path, imgsz, runs=config.runs, warmup=config.warmup, cuda=device.type == "cuda",
-                         half=config.half)
-        row["ort_ms"], row["ort_p90_ms"], row["ort_provider"] = t["median_ms"], t["p90_ms"], t["provider"]
-        path.unlink()
+        files["onnxruntime"] = path
+    if "onnxruntime-int8" in config.backends:
+        files["onnxruntime-int8"] = int8_path = path.with_name(path.stem + "_int8.onnx")
+        row["int8_mb"] = quantize_onnx(path, int8_path, shapes_images(imgsz), imgsz)["size_mb"]
+    if files:
+        times = onnx_latency(files, imgsz, runs=config.runs, warmup=config.warmup, cuda=device.type == "cuda",
+                             half=config.half)
+        if "onnxruntime" in config.backends:
+            t = times["onnxruntime"]
+            row["ort_ms"], row["ort_p90_ms"], row["ort_provider"] = t["median_ms"], t["p90_ms"], t["provider"]
+        if "onnxruntime-int8" in config.backends:
+            t = times["onnxruntime-int8"]
+            row["ort_int8_ms"], row["ort_int8_p90_ms"] = t["median_ms"], t["p90_ms"]
+            row["int8_ratio"] = t["median_ms"] / times["onnxruntime"]["median_ms"]
+        for f in files.values():
+            f.unlink()
     if config.train_speed:
         row["train_img_s"] = train_speed(model, imgsz, config.train_batch, device, amp=config.half)
         row["train_batch"] = config.train_batch
@@ -314,6 +352,9 @@ COLUMNS: list[tuple[str, str, str]] = [  # key, Markdown header, format
     ("compiled_p90_ms", "compiled p90", "{:.1f}"),
     ("ort_ms", "ORT ms", "{:.1f}"),
     ("ort_p90_ms", "ORT p90", "{:.1f}"),
+    ("ort_int8_ms", "ORT INT8 ms", "{:.1f}"),
+    ("ort_int8_p90_ms", "ORT INT8 p90", "{:.1f}"),
+    ("int8_ratio", "INT8 / float", "{:.2f}"),
     ("throughput", "img/s @batch", "{:.1f}"),
     ("peak_mb", "peak MB", "{:.0f}"),
     ("train_img_s", "train img/s", "{:.1f}"),
@@ -356,6 +397,10 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
             f"model in channels_last, {eager}")
     if "onnxruntime" in config.backends:
         text += "; ONNX Runtime on the file `yolo-mobile export` writes"
+    if "onnxruntime-int8" in config.backends:
+        text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode and "
+                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images, timed interleaved with "
+                 "the float file")
     text += (f". img/s: batch {config.batch}, torch eager. peak MB: memory one forward at that batch needs above "
              "the loaded model.")
     if config.train_speed:

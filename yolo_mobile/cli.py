@@ -154,7 +154,10 @@ def cmd_val(args: argparse.Namespace) -> int:
     data = load_data_config(args.data)
     evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
     device = select_device(args.device)
-    model = load_model_arg(args, nc=data.nc, names=data.names, trained=trained).to(device)
+    if args.weights and str(args.weights).endswith(".onnx"):
+        model = _onnx_for_val(args, data.nc, device)
+    else:
+        model = load_model_arg(args, nc=data.nc, names=data.names, trained=trained).to(device)
     save_dir = next_run_dir(args.project, args.name)
     results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
                        iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
@@ -169,6 +172,19 @@ def cmd_val(args: argparse.Namespace) -> int:
         print(f"Skipped {results['skipped_images']} unreadable image(s)")
     print(f"Results saved to {save_dir}")
     return 0
+
+
+def _onnx_for_val(args: argparse.Namespace, nc: int, device):
+    """An exported file (float or INT8) in ONNX Runtime; a fixed-size file sets ``args.imgsz``."""
+    from .engine.predictor import load_backend
+
+    backend = load_backend(args.weights, device=device)
+    if backend.nms_inside:
+        raise ConfigError(f"{args.weights}: NMS is inside the graph; val needs the raw output (export without --nms)")
+    if len(backend.names) != nc:
+        raise ConfigError(f"{args.weights}: model has {len(backend.names)} classes but the data has {nc}")
+    args.imgsz = backend.imgsz or args.imgsz
+    return backend
 
 
 def _trained_model(args: argparse.Namespace):
@@ -262,12 +278,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         model = build_model(args.cfg)
         output = args.output or Path(Path(args.cfg).stem + ".onnx")
+    if args.int8:
+        return _export_int8(args, model, output)
     report = export_onnx(model, output, imgsz=_imgsz(args, model), batch=args.batch, dynamic=args.dynamic,
                          opset=args.opset, simplify=args.simplify, half=args.half, nms=args.nms,
                          max_det=args.max_det, device=args.device)
     print(f"Exported {report['path']} ({report['size_mb']:.1f} MB) in {report['export_s']:.1f} s; "
           f"ONNX Runtime vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
           f"({', '.join(report['checked'])})")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace, model, output: Path) -> int:
+    from .config import load_data_config
+    from .datasets.synthetic import resolve_data
+    from .export.int8 import export_int8
+
+    if args.half or args.nms or args.dynamic or args.batch != 1:
+        raise ConfigError("--int8 exports a static batch-1 float32 graph: drop --half, --nms, --dynamic, --batch")
+    data = args.data or getattr(model, "train_data", None)
+    if not data:
+        raise ConfigError("--int8 needs --data (a data YAML, or shapes): its train split calibrates")
+    data = resolve_data(data)
+    classes = load_data_config(data)
+    model = load_model_arg(args, nc=classes.nc, names=classes.names, trained=model)  # --cfg: the data's classes
+    output = Path(args.output) if args.output else output.with_name(output.stem + "_int8.onnx")
+    imgsz = _imgsz(args, model)
+    report = export_int8(model, output, data, imgsz=imgsz, calib_images=args.calib_images,
+                         method=args.calib_method, keep_float=args.keep_float, opset=args.opset)
+    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB, float {report['float']['size_mb']:.1f} MB) "
+          f"in {report['quantize_s']:.1f} s: QDQ int8, {report['method']} calibration on "
+          f"{report['calibration_images']} letterboxed train images at {imgsz}; {len(report['float_nodes'])} "
+          f"nodes kept float ({', '.join(args.keep_float) or 'none'})")
+    print(f"mAP50-95 on {report['evaluated_on']}: float {report['map_float']['map']:.4f}, "
+          f"INT8 {report['map_int8']['map']:.4f} (drop {report['map_float']['map'] - report['map_int8']['map']:+.4f}); "
+          f"mAP50 {report['map_float']['map50']:.4f} -> {report['map_int8']['map50']:.4f}")
+    print(f"ONNX Runtime latency at {imgsz} (batch 1, medians interleaved): float {report['ms_float']:.1f} ms, "
+          f"INT8 {report['ms_int8']:.1f} ms ({report['ms_int8'] / report['ms_float']:.2f}x)")
     return 0
 
 
@@ -425,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms", action="store_true", help="embed NMS: outputs (B, max_det, 6) and a count")
     p.add_argument("--max-det", type=int, default=300)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--int8", action="store_true", help="also quantize: static INT8 (QDQ) calibrated on --data, "
+                                                       "written as <name>_int8.onnx; prints float vs INT8 mAP")
+    p.add_argument("--data", help="data YAML for --int8: train images calibrate, val images evaluate "
+                                  "(default: the checkpoint's training data)")
+    p.add_argument("--calib-images", type=int, default=256, help="train images for --int8 calibration")
+    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--keep-float", nargs="*", choices=["decode", "softmax"], default=["decode", "softmax"],
+                   help="--int8: parts left in float (decode: the box decode; softmax: every Softmax, "
+                        "attention included); none: quantize them too")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("weights", help="pretrained backbone weights files")
@@ -441,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="square input sizes")
     p.add_argument("--batch", type=int, default=1, help="batch for the throughput and memory columns")
     p.add_argument("--device", default="cpu", help="cpu or a GPU index such as 0")
-    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime"], default=["torch", "onnxruntime"],
-                   help="PyTorch eager (fused) and/or ONNX Runtime (CUDA provider on a GPU when installed)")
+    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime", "onnxruntime-int8"],
+                   default=["torch", "onnxruntime"],
+                   help="PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU when installed), ONNX Runtime "
+                        "on the INT8 file (calibrated on drawn shapes-set images; timed interleaved with float)")
     p.add_argument("--half", action="store_true", help="fp16 (GPU only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (the compile time is reported)")
     p.add_argument("--compare-ultralytics", action="store_true",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,28 @@ def split_items(data_yaml: str | Path, split: str, evaluator: COCOEvaluator) -> 
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", imgsz: int = 640, batch: int = 32,
-             conf: float = 0.001, iou: float = 0.7, max_det: int = 300, device: torch.device | str = "cpu",
-             backend: str = "pycocotools", workers: int | None = None, save_dir: Path | None = None,
-             save_json: bool = False, evaluator: COCOEvaluator | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` on a split; returns COCOEvaluator.summarize()'s dict plus timing and skipped counts."""
+def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str = "val", imgsz: int = 640,
+             batch: int = 32, conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
+             device: torch.device | str = "cpu", backend: str = "pycocotools", workers: int | None = None,
+             save_dir: Path | None = None, save_json: bool = False, evaluator: COCOEvaluator | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` (a module, or a backend such as ``OnnxBackend`` taking a float batch) on a split;
+    returns COCOEvaluator.summarize()'s dict plus timing and skipped counts."""
     if imgsz % 32:
         raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
     evaluator = evaluator or COCOEvaluator.from_yolo(data, split, backend=backend)
     evaluator.reset()
     items = split_items(data, split, evaluator)
+    module = isinstance(model, torch.nn.Module)  # else a backend (an ONNX file in ONNX Runtime): float32 in
+    fixed_batch = None if module else getattr(model, "batch", None)
+    batch = fixed_batch or batch  # an ONNX file exported with a fixed batch
     workers = default_workers() if workers is None else workers
     loader = DataLoader(LetterboxImages(items, imgsz), batch_size=batch, shuffle=False, num_workers=workers,
                         collate_fn=collate_letterboxed, pin_memory=torch.device(device).type == "cuda")
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
+    was_training = module and model.training
+    if module:
+        model.eval()
+    dtype = next(model.parameters()).dtype if module else torch.float32
     skipped, seconds = 0, {"inference": 0.0, "nms": 0.0}
     for images, ids, infos, n_bad in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
         skipped += n_bad
@@ -55,7 +62,9 @@ def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", im
             continue
         x = images.to(device, non_blocking=True).to(dtype) / 255
         t0 = time.perf_counter()
-        out = model(x)
+        if fixed_batch and len(x) < fixed_batch:  # the last batch, padded to the file's batch
+            x = torch.cat([x, x[-1:].expand(fixed_batch - len(x), -1, -1, -1)])
+        out = model(x)[: len(ids)]
         t1 = time.perf_counter()
         dets = non_max_suppression(out.float(), conf=conf, iou=iou, max_det=max_det, multi_label=True)
         seconds["inference"] += t1 - t0
@@ -63,7 +72,8 @@ def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", im
         for d, info in zip(dets, infos, strict=True):
             d["boxes"] = unletterbox_boxes(d["boxes"], info)
         evaluator.update(ids, dets)
-    model.train(was_training)
+    if module:
+        model.train(was_training)
     if skipped:
         log.warning("%d unreadable image(s) skipped; their objects count as missed", skipped)
     results = evaluator.summarize()

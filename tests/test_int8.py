@@ -1,0 +1,116 @@
+"""INT8 ONNX: every family quantizes with its box decode left in float, and export, val, detect and benchmark
+run the INT8 file."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_deploy import FAMILY_CFGS, lively
+
+from yolo_mobile.benchmark import BenchmarkConfig, format_markdown, run_benchmark, shapes_images
+from yolo_mobile.cli import main
+from yolo_mobile.config import load_data_config
+from yolo_mobile.datasets.synthetic import draw_sample, resolve_data
+from yolo_mobile.export.int8 import QuantizationError, calibration_split, decode_nodes, quantize_onnx
+from yolo_mobile.export.onnx import export_onnx
+
+SIZE = 64  # every family's strides divide it; quantization does not depend on the size
+
+
+def run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml"],
+                         ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm", "mobile_former"])
+def test_every_family_quantizes_with_a_float_decode(tmp_path, cfg):
+    float_path, int8_path = tmp_path / "m.onnx", tmp_path / "m_int8.onnx"
+    export_onnx(lively(cfg, nc=4), float_path, imgsz=SIZE)
+    report = quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
+    graph = onnx.load(str(int8_path)).graph
+    assert report["quantize_linear"] > 10
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4 for i in graph.initializer)  # conv weights
+    # nothing the decode computes is quantized: no QuantizeLinear reads a decode node's output
+    decode = set(decode_nodes(onnx.load(str(float_path)).graph))
+    assert decode <= set(report["float_nodes"])
+    decode_outputs = {o for n in graph.node if n.name in decode for o in n.output}
+    assert decode_outputs and not any(n.op_type == "QuantizeLinear" and n.input[0] in decode_outputs
+                                      for n in graph.node)
+    image = draw_sample(np.random.default_rng(7), SIZE)[0]
+    x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255
+    ref, out = run(float_path, x)[0], run(int8_path, x)[0]
+    # scores keep their ranking and boxes their place (a quantized decode rounds scores to 0 and boxes to 16 px)
+    assert np.corrcoef(ref[4:].ravel(), out[4:].ravel())[0, 1] > 0.95
+    assert np.median(np.abs(ref[:4] - out[:4])) < 2.0
+    meta = {p.key: p.value for p in onnx.load(str(int8_path)).metadata_props}
+    assert json.loads(meta["names"]) == ["0", "1", "2", "3"] and json.loads(meta["quantization"])["format"] == "QDQ"
+
+
+def test_decode_found_in_ultralytics_head(tmp_path):
+    from yolo_mobile.benchmark import UltralyticsDetector
+
+    path = tmp_path / "v8.onnx"
+    export_onnx(UltralyticsDetector("yolov8n.yaml", nc=4), path, imgsz=SIZE)
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node if n.name in set(decode_nodes(graph))}
+    assert {"Softmax", "Sigmoid", "Concat"} <= ops  # the DFL and the class scores
+    assert not any(n.op_type == "Conv" and not n.name.endswith("dfl/conv/Conv") and n.name in set(decode_nodes(graph))
+                   for n in graph.node)
+
+
+def test_quantizer_failure_names_the_op_and_leaves_no_file(tmp_path, monkeypatch):
+    import onnxruntime.quantization as quantization
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Could not find an implementation for ConvInteger(10) node with name '/conv'")
+
+    monkeypatch.setattr(quantization, "quantize_static", refuse)
+    export_onnx(lively("yolov5n.yaml", nc=4), tmp_path / "m.onnx", imgsz=SIZE)
+    with pytest.raises(QuantizationError, match=r"cannot quantize this graph \(operator ConvInteger\)"):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "m_int8.onnx", shapes_images(SIZE, 1), SIZE)
+    assert not (tmp_path / "m_int8.onnx").exists()
+
+
+def test_without_val_split_evaluation_images_are_held_apart(tmp_path):
+    data = resolve_data("shapes:16")
+    no_val = tmp_path / "train_only.yaml"
+    no_val.write_text(f"path: {data.parent}\ntrain: images/train\nnames: [circle, square, triangle, star]\n")
+    calib, held_yaml = calibration_split(no_val, 5, tmp_path)
+    held = {str(p) for p in load_data_config(held_yaml).split("val").images}
+    assert len(calib) == 5 and len(held) == 5 and not {str(p.resolve()) for p in calib} & held
+    assert calibration_split(data, 5, tmp_path)[1] == data  # a val split of its own is used as is
+
+
+def test_cli_int8_export_then_val_and_detect(tmp_path, capsys):
+    data = resolve_data("shapes:16")
+    out = tmp_path / "m_int8.onnx"
+    assert main(["export", "--cfg", "yolov5n.yaml", "--imgsz", str(SIZE), "--int8", "--data", str(data),
+                 "--calib-images", "4", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "QDQ int8, minmax calibration on 4 letterboxed train images" in text
+    assert "mAP50-95 on the val split: float" in text and "INT8" in text and "latency" in text
+    assert main(["val", "--weights", str(out), "--data", str(data), "--project", str(tmp_path / "val")]) == 0
+    assert '"map":' in capsys.readouterr().out
+    image = next((data.parent / "images" / "val").iterdir())
+    assert main(["detect", "--weights", str(out), "--source", str(image), "--project", str(tmp_path / "det")]) == 0
+    assert (tmp_path / "det" / "exp" / image.name).is_file()
+
+
+def test_cli_int8_needs_data_and_a_plain_graph(tmp_path, capsys):
+    assert main(["export", "--cfg", "yolov5n.yaml", "--int8", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "--int8 needs --data" in capsys.readouterr().err
+    assert main(["export", "--cfg", "yolov5n.yaml", "--int8", "--nms", "--data", "shapes"]) == 2
+    assert "drop --half, --nms" in capsys.readouterr().err
+
+
+def test_benchmark_int8_columns():
+    rows = run_benchmark(BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[SIZE], backends=["onnxruntime",
+                                                                                        "onnxruntime-int8"],
+                                         runs=2, warmup=0), progress=False)
+    row = rows[0]
+    assert row["ort_int8_ms"] > 0 and row["int8_ratio"] == pytest.approx(row["ort_int8_ms"] / row["ort_ms"])
+    assert row["int8_mb"] < row["onnx_mb"] / 2  # int8 weights
+    assert "ORT INT8 ms" in format_markdown(rows) and "INT8 / float" in format_markdown(rows)
