@@ -28,7 +28,8 @@ def split_items(data_yaml: str | Path, split: str, evaluator: COCOEvaluator) -> 
     part = data.split(split)
     if part.coco_json is not None:
         return [(im["id"], part.image_dir / im["file_name"]) for im in evaluator.gt["images"]]
-    return [(p.stem, p) for p in part.images]
+    known = set(evaluator.image_ids)  # without the images the evaluator skipped as unreadable
+    return [(p.stem, p) for p in part.images if p.stem in known]
 
 
 @torch.no_grad()
@@ -48,7 +49,7 @@ def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", im
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    skipped, seconds = 0, {"inference": 0.0, "nms": 0.0}
+    skipped, seconds = len(evaluator.skipped), {"inference": 0.0, "nms": 0.0}
     for images, ids, infos, n_bad in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
         skipped += n_bad
         if not ids:
@@ -69,7 +70,7 @@ def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", im
     results = evaluator.summarize()
     if not results:  # a non-zero DDP rank
         return results
-    n = max(1, len(items) - skipped)
+    n = max(1, len(items) + len(evaluator.skipped) - skipped)
     results["ms_per_image"] = {k: 1000 * v / n for k, v in seconds.items()}
     results["skipped_images"] = skipped
     if save_dir is not None:
