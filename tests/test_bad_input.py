@@ -68,6 +68,11 @@ def _detect_with(weights, *flags):
     return lambda f: ["detect", "--weights", f["root"] / weights, "--source", f["images"], *flags]
 
 
+def _train_with(*flags):
+    """argv of a short training run on the fixture's data, with ``flags``."""
+    return lambda f: ["train", "--cfg", "yolov5n.yaml", "--data", f["data"], "--epochs", "1", *flags]
+
+
 def _model_yaml(command, section):
     """argv of ``command`` on a model YAML whose second line is ``section``."""
     return lambda f: [command, "--cfg", _written(f"backbone: {{name: cspdarknet}}\n{section}\n")(f)]
@@ -77,7 +82,7 @@ NESTED_ALIASES = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
 
 SIZED_COMMANDS = {
-    "train": lambda f: ["train", "--cfg", "yolov5n.yaml", "--data", f["data"], "--epochs", "1"],
+    "train": _train_with(),
     "val": lambda f: ["val", "--cfg", "yolov5n.yaml", "--data", f["data"]],
     "detect": lambda f: ["detect", "--cfg", "yolov5n.yaml", "--source", f["images"]],
     "export": lambda f: ["export", "--cfg", "yolov5n.yaml"],
@@ -137,6 +142,15 @@ ROWS = [
     ("val-batch-0", lambda f: ["val", "--cfg", "yolov5n.yaml", "--data", f["data"], "--batch", "0"],
      "--batch: must be >= 1, got 0"),
     ("unknown-command", lambda f: ["frobnicate"], "invalid choice: 'frobnicate'"),
+    # found beyond the issue's table
+    ("val-workers--1", lambda f: ["val", "--cfg", "yolov5n.yaml", "--data", f["data"], "--workers", "-1"],
+     "--workers: must be >= 0, got -1"),
+    ("train-lr0--1", _train_with("--lr0", "-1"), "lr0 must be > 0, got -1.0"),
+    ("train-scales-reversed", _train_with("--multi-scale", "--min-scale", "2", "--max-scale", "1"),
+     "multi-scale needs 0 < min_scale <= max_scale and n_scales >= 1, got 2.0, 1.0 and 5"),
+    ("train-n-scales-0", _train_with("--multi-scale", "--n-scales", "0"), "and n_scales >= 1, got 0.5, 1.5 and 0"),
+    ("inspect-random-pt", lambda f: ["weights", "inspect", f["root"] / "random.pt"],
+     "random.pt: not a readable torch weights file (4,096 bytes: truncated, corrupt or another format)"),
 ]
 
 

@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cpu, or a GPU index such as 0 (default: GPU 0 if present)")
     p.add_argument("--save-json", action="store_true", help="also write predictions.json (COCO results format)")
     p.add_argument("--eval-backend", choices=["pycocotools", "faster"], default="pycocotools")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes")
+    p.add_argument("--workers", type=int_at_least(0), default=None, help="data loader processes")
     p.add_argument("--project", default="runs/val", help="results go to PROJECT/NAME")
     p.add_argument("--name", default="exp", help="run name (numbered when it exists)")
     p.set_defaults(func=cmd_val)

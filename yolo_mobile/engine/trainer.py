@@ -140,6 +140,11 @@ class TrainConfig:
             raise ConfigError(f"close_mosaic must be 0 or more, got {self.close_mosaic}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+        if self.lr0 is not None and not self.lr0 > 0:
+            raise ConfigError(f"lr0 must be > 0, got {self.lr0}")
+        if self.multi_scale and not (0 < self.min_scale <= self.max_scale and self.n_scales >= 1):
+            raise ConfigError(f"multi-scale needs 0 < min_scale <= max_scale and n_scales >= 1, got "
+                              f"{self.min_scale}, {self.max_scale} and {self.n_scales}")
 
     def _check_numbers(self) -> None:
         """Every number must be finite and in its range before anything runs: a NaN learning rate would train
