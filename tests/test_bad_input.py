@@ -73,6 +73,15 @@ def _train_with(*flags):
     return lambda f: ["train", "--cfg", "yolov5n.yaml", "--data", f["data"], "--epochs", "1", *flags]
 
 
+def _coco_data(f, annotations):
+    """A data YAML whose train split is a COCO instances file holding ``annotations`` (bytes)."""
+    root = f["root"] / f"coco_{abs(hash(annotations))}"
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    (root / "instances_bad.json").write_bytes(annotations)
+    (root / "data.yaml").write_text("path: .\ntrain: instances_bad.json\ntrain_images: bad\nnames: [a, b, c]\n")
+    return root / "data.yaml"
+
+
 def _model_yaml(command, section):
     """argv of ``command`` on a model YAML whose second line is ``section``."""
     return lambda f: [command, "--cfg", _written(f"backbone: {{name: cspdarknet}}\n{section}\n")(f)]
@@ -149,6 +158,10 @@ ROWS = [
     ("train-scales-reversed", _train_with("--multi-scale", "--min-scale", "2", "--max-scale", "1"),
      "multi-scale needs 0 < min_scale <= max_scale and n_scales >= 1, got 2.0, 1.0 and 5"),
     ("train-n-scales-0", _train_with("--multi-scale", "--n-scales", "0"), "and n_scales >= 1, got 0.5, 1.5 and 0"),
+    ("coco-json-invalid", lambda f: _train_with()({**f, "data": _coco_data(f, b'{"images": [')}),
+     "instances_bad.json:1: invalid JSON"),
+    ("coco-json-latin-1", lambda f: _train_with()({**f, "data": _coco_data(f, '{"x": "caf\xe9"}'.encode("latin-1"))}),
+     "instances_bad.json: not UTF-8 text (byte 0xe9"),
     ("inspect-random-pt", lambda f: ["weights", "inspect", f["root"] / "random.pt"],
      "random.pt: not a readable torch weights file (4,096 bytes: truncated, corrupt or another format)"),
 ]

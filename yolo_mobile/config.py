@@ -6,6 +6,7 @@ Errors name the file and the line, and list the valid keys or names.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,23 @@ class DataConfig:
     def _resolve(self, p: str) -> Path:
         path = Path(p).expanduser()
         return path if path.is_absolute() else self.root / path
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """A COCO instances file (images, annotations, categories); a missing, non-UTF-8 or malformed one names the
+    file (and line)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such COCO annotation file")
+    try:
+        gt = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(gt, dict) or k not in gt]
+    if missing:
+        raise ConfigError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
+    return gt
 
 
 def _names(doc: YamlDoc) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, read_coco_json
 from .augment import RareOps, hsv, hue_rotation, letterbox_tile, mosaic_tiles, render, sv_gain, to_chw_rgb
 from .cache import ImageStore
 from .labels import LabelError, label_path, read_yolo_labels, yolo_to_xyxy
@@ -157,7 +157,7 @@ def load_yolo_samples(images: list[Path], nc: int) -> tuple[list[Sample], list[s
 
 def load_coco_samples(json_path: Path, image_dir: Path) -> tuple[list[Sample], list[str], list[str]]:
     """Samples of a COCO instances file; class index i is the i-th category id in sorted order."""
-    gt = json.loads(json_path.read_text(encoding="utf-8"))
+    gt = read_coco_json(json_path)
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(cats)}
     by_image: dict[int, list] = {}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, load_data_config
+from ..config import ConfigError, load_data_config, read_coco_json
 from ..datasets.labels import image_size, label_path, read_yolo_labels, yolo_to_xyxy
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,7 @@ class COCOEvaluator:
                        distributed: bool | None = None) -> COCOEvaluator:
         """Ground truth from a COCO ``instances_*.json``; image ids and category ids are COCO's own."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such COCO annotation file")
-        try:
-            gt = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        missing = [k for k in ("images", "annotations", "categories") if k not in gt]
-        if missing:
-            raise ConfigError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
+        gt = read_coco_json(path)
         cats = sorted(gt["categories"], key=lambda c: c["id"])  # class index i <-> i-th category id
         return cls(gt, [im["id"] for im in gt["images"]], [c["name"] for c in cats], [c["id"] for c in cats],
                    backend, source=str(path), distributed=distributed)
