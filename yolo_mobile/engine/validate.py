@@ -66,7 +66,9 @@ def validate(model: torch.nn.Module, data: str | Path, *, split: str = "val", im
         evaluator.update(ids, dets)
     model.train(was_training)
     if skipped:
-        log.warning("%d unreadable image(s) skipped; their objects count as missed", skipped)
+        left_out = len(evaluator.skipped)  # no size, so no ground truth; the others' objects are in it
+        log.warning("%d unreadable image(s) skipped: %d without a readable size are left out, the objects of the "
+                    "other %d count as missed", skipped, left_out, skipped - left_out)
     results = evaluator.summarize()
     if not results:  # a non-zero DDP rank
         return results
