@@ -140,11 +140,6 @@ class TrainConfig:
             raise ConfigError(f"close_mosaic must be 0 or more, got {self.close_mosaic}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
-        if self.lr0 is not None and not self.lr0 > 0:
-            raise ConfigError(f"lr0 must be > 0, got {self.lr0}")
-        if self.multi_scale and not (0 < self.min_scale <= self.max_scale and self.n_scales >= 1):
-            raise ConfigError(f"multi-scale needs 0 < min_scale <= max_scale and n_scales >= 1, got "
-                              f"{self.min_scale}, {self.max_scale} and {self.n_scales}")
 
     def _check_numbers(self) -> None:
         """Every number must be finite and in its range before anything runs: a NaN learning rate would train
@@ -538,7 +533,7 @@ class Trainer:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
     def _load_state(self, ckpt: dict[str, Any]) -> None:
-        target = f"{self.config.cfg} with the data's {len(self.names)} classes"
+        target = f"its stored config with the data's {len(self.names)} classes"
         load_weights(self.model, ckpt["model"], self.resume_from, ckpt, target)
         if self.ema is not None and ckpt.get("ema"):
             load_weights(self.ema.ema, ckpt["ema"], self.resume_from, ckpt, target)
