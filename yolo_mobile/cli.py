@@ -10,6 +10,39 @@ from pathlib import Path
 from .config import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line errors: ``yolo-mobile: error: detect: argument --conf: ...``."""
+
+    def error(self, message: str) -> None:
+        command = self.prog.removeprefix("yolo-mobile").strip()
+        self.exit(2, f"yolo-mobile: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    """argparse ``type``: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """argparse ``type``: a number in [0, 1] (a score or IoU threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _shape(out: object) -> str:
     if hasattr(out, "shape"):
         return "x".join(str(s) for s in out.shape[1:])
@@ -242,12 +275,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     import logging
 
     from .engine.device import next_run_dir, select_device
-    from .engine.predictor import detect, load_backend, resolve_source
+    from .engine.predictor import check_classes, detect, load_backend, resolve_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     resolve_source(args.source)  # a missing or unreadable source fails before the model is built
     device = select_device(args.device)
     backend = load_backend(args.weights, args.cfg, device, args.half)
+    check_classes(args.classes, backend.names)
     imgsz = _imgsz(args, backend)  # a TorchBackend of a checkpoint knows its training size
     save_dir = next_run_dir(args.project, args.name)
     stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
@@ -263,7 +297,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         print(f"{stats['frames'] / max(stats['wall'], 1e-9):.1f} frames/s over {stats['wall']:.1f} s wall at "
               f"{h}x{w} (imgsz {imgsz}; {stats['workers']} frame worker(s), {stats['threads']} torch thread(s) "
               "each)")
-    print(f"Results saved to {save_dir}")
+    if save_dir.exists():  # detect removes it when no image or frame could be read
+        print(f"Results saved to {save_dir}")
     return 130 if stats["interrupted"] else 0
 
 
@@ -369,8 +404,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="yolo-mobile", description="YOLO detection with mobile backbones")
+    parser = _Parser(prog="yolo-mobile", description="YOLO detection with mobile backbones")
     parser.add_argument("--version", action="version", version=f"yolo-mobile {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = sub.add_parser("models", help="list built-in model YAMLs and registered backbones")
@@ -393,14 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="which split of the data YAML")
     p.add_argument("--imgsz", type=int, help="letterbox size, a multiple of 32 (default: the checkpoint's "
                                              "training size, else 640)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--conf", type=float, default=0.001, help="confidence threshold before NMS")
-    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
-    p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
+    p.add_argument("--batch", type=int_at_least(1), default=32)
+    p.add_argument("--conf", type=fraction, default=0.001, help="confidence threshold before NMS")
+    p.add_argument("--iou", type=fraction, default=0.7, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int_at_least(1), default=300, help="detections kept per image")
     p.add_argument("--device", default="", help="cpu, or a GPU index such as 0 (default: GPU 0 if present)")
     p.add_argument("--save-json", action="store_true", help="also write predictions.json (COCO results format)")
     p.add_argument("--eval-backend", choices=["pycocotools", "faster"], default="pycocotools")
-    p.add_argument("--workers", type=int, default=None, help="data loader processes")
+    p.add_argument("--workers", type=int_at_least(0), default=None, help="data loader processes")
     p.add_argument("--project", default="runs/val", help="results go to PROJECT/NAME")
     p.add_argument("--name", default="exp", help="run name (numbered when it exists)")
     p.set_defaults(func=cmd_val)
@@ -445,11 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index (0) or stream URL")
     p.add_argument("--imgsz", type=int, help="inference size (default: the checkpoint's training size, else 640)")
-    p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("--iou", type=float, default=0.7)
-    p.add_argument("--max-det", type=int, default=300)
-    p.add_argument("--classes", type=int, nargs="+", help="keep only these class indices")
-    p.add_argument("--batch", type=int, default=1, help="frames per forward pass")
+    p.add_argument("--conf", type=fraction, default=0.25)
+    p.add_argument("--iou", type=fraction, default=0.7)
+    p.add_argument("--max-det", type=int_at_least(1), default=300)
+    p.add_argument("--classes", type=int_at_least(0), nargs="+", help="keep only these class indices")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="frames per forward pass")
     p.add_argument("--device", default="", help="cpu or a GPU index")
     p.add_argument("--half", action="store_true", help="fp16 on CUDA")
     p.add_argument("--save-txt", action="store_true", help="YOLO labels with confidences, one file per image/frame")
@@ -464,13 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--output", help="file to write (default: the weights' path with .onnx)")
     p.add_argument("--imgsz", type=int, help="export size (default: the checkpoint's training size, else 640)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int_at_least(1), default=1)
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (9 to the newest torch writes)")
     p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
     p.add_argument("--half", action="store_true", help="fp16 weights (exported on CUDA)")
     p.add_argument("--nms", action="store_true", help="embed NMS: outputs (B, max_det, 6) and a count")
-    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--max-det", type=int_at_least(1), default=300)
     p.add_argument("--device", default="cpu")
     p.add_argument("--int8", action="store_true", help="also quantize: static INT8 (QDQ) calibrated on --data, "
                                                        "written as <name>_int8.onnx; prints float vs INT8 mAP")
@@ -512,11 +548,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", type=Path, help="CSV of model,mAP50-95: the plot shows mAP against latency")
     p.add_argument("--out", help="results .md (CSV and PNG written beside it); default runs/benchmark/expN/")
     p.set_defaults(func=cmd_benchmark)
+    _add_verbose(sub)
     return parser
 
 
+def _add_verbose(sub: argparse._SubParsersAction) -> None:
+    """``--verbose`` after the command too (SUPPRESS: absent, it leaves the top-level value as it is)."""
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbose(action)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line already printed), --help or --version: a code, not an exit
+        return int(e.code or 0)
     sizes = getattr(args, "imgsz", None)
     for size in sizes if isinstance(sizes, list) else [32 if sizes is None else sizes]:
         if size < 32 or size % 32:
@@ -525,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+        if args.verbose:
+            raise
         print(f"yolo-mobile: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ Errors name the file and the line, and list the valid keys or names.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,24 +42,45 @@ def _key_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ..
             _key_lines(value, path, out)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``safe_load`` without aliases: configs never need them, and nested ones expand exponentially (a
+    700-byte file can take gigabytes)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a config "
+                                              "(write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: str | Path) -> YamlDoc:
-    """Read a YAML mapping with ``safe_load`` semantics; a missing file or a syntax error names the file."""
+    """Read a YAML mapping with ``safe_load`` semantics, aliases refused; a missing file, text that is not
+    UTF-8 or a syntax error names the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as "
+                          "UTF-8") from None
+    loader = _NoAliasLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     lines: dict[tuple[str, ...], int] = {}
-    if node is not None:
-        _key_lines(node, (), lines)
+    _key_lines(node, (), lines)
     return YamlDoc(data, str(path), lines)
 
 
@@ -90,17 +112,22 @@ def find_model_yaml(cfg: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ model config
+def _valid(check: Any, text: str) -> dict[str, Any]:
+    """Field metadata: the range a value must be in, checked when the YAML is read."""
+    return {"valid": (check, text)}
+
+
 @dataclass
 class NeckConfig:
-    depth: float = 0.33
-    width: float = 0.25
+    depth: float = field(default=0.33, metadata=_valid(lambda v: 0 < v < float("inf"), "a finite number > 0"))
+    width: float = field(default=0.25, metadata=_valid(lambda v: 0 < v < float("inf"), "a finite number > 0"))
     act: str = "silu"
-    sppf_kernel: int = 5
+    sppf_kernel: int = field(default=5, metadata=_valid(lambda v: v > 0 and v % 2, "an odd integer >= 1"))
 
 
 @dataclass
 class HeadConfig:
-    reg_max: int = 16
+    reg_max: int = field(default=16, metadata=_valid(lambda v: v >= 1, "an integer >= 1"))
     act: str = "silu"
 
 
@@ -144,6 +171,9 @@ def _section(doc: YamlDoc, cls: type, *section: str) -> Any:
         if not ok or isinstance(value, bool) != isinstance(default, bool):
             raise ConfigError(f"{doc.where(*section, key)}: '{section[0]}.{key}' must be a "
                               f"{type(default).__name__}, got {value!r}")
+        check, text = fields[key].metadata.get("valid", (None, ""))
+        if check is not None and not check(value):
+            raise ConfigError(f"{doc.where(*section, key)}: '{section[0]}.{key}' must be {text}, got {value!r}")
     return cls(**raw)
 
 
@@ -271,9 +301,29 @@ class DataConfig:
         return path if path.is_absolute() else self.root / path
 
 
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """A COCO instances file (images, annotations, categories); a missing, non-UTF-8 or malformed one names the
+    file (and line)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such COCO annotation file")
+    try:
+        gt = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(gt, dict) or k not in gt]
+    if missing:
+        raise ConfigError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
+    return gt
+
+
 def _names(doc: YamlDoc) -> list[str]:
     names = doc.data.get("names")
     if isinstance(names, dict):
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):
+            raise ConfigError(f"{doc.where('names')}: 'names' ids must all be integers 0..{len(names) - 1}, got "
+                              f"{list(names)}")
         keys = sorted(names)
         if keys != list(range(len(keys))):
             raise ConfigError(f"{doc.where('names')}: 'names' ids must be 0..{len(keys) - 1}, got {keys}")

@@ -84,7 +84,9 @@ def read_weights(path: str | Path) -> WeightsFile:
                     f"{path}: holds pickled Python objects besides tensors, which are never executed here "
                     f"(torch.load weights_only=True refused it). Re-save its state_dict alone: "
                     f"torch.save(model.state_dict(), 'weights.pth')") from None
-            raise PretrainedError(f"{path}: not a readable torch weights file: {e}") from None
+            # not torch's text: it advises turning weights_only off, which would run any code the file holds
+            raise PretrainedError(f"{path}: not a readable torch weights file ({path.stat().st_size:,} bytes: "
+                                  "truncated, corrupt or another format)") from None
         fmt = "torch (weights_only)"
     else:
         raise PretrainedError(f"{path}: unknown weights format; expected .safetensors or a torch .pth/.pt file")

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from ..config import ConfigError
+from .labels import decode_image
 
 log = logging.getLogger(__name__)
 CACHE_MODES = (None, "ram", "disk")
@@ -47,9 +48,7 @@ def decode(path: Path, shape: tuple[int, int], orig: tuple[int, int]) -> np.ndar
             if math.ceil(orig[0] / factor) >= shape[0] and math.ceil(orig[1] / factor) >= shape[1]:
                 flags = reduced | cv2.IMREAD_IGNORE_ORIENTATION
                 break
-    image = cv2.imread(str(path), flags)
-    if image is None:
-        raise OSError(f"{path}: cannot read image (missing, corrupt or not an image)")
+    image = decode_image(path, flags)
     if image.shape[:2] != shape:  # linear down to half the size (fast), pixel areas below that (no aliasing)
         halved = image.shape[0] >= 2 * shape[0] or image.shape[1] >= 2 * shape[1]
         image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA if halved else cv2.INTER_LINEAR)
@@ -161,7 +160,7 @@ class ImageStore:
             self.ram[o: o + sizes[i]] = image.reshape(-1)
             self._ram_ok[i] = True
 
-        with ThreadPool(_threads()) as pool:  # cv2.imread releases the GIL
+        with ThreadPool(_threads()) as pool:  # cv2.imdecode releases the GIL
             pool.map(fill, range(len(self)))
         return True
 
@@ -169,7 +168,7 @@ class ImageStore:
     def _disk_name(self, i: int) -> tuple[str, str]:
         path = self.paths[i].resolve()
         st = path.stat()
-        stem = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+        stem = hashlib.sha1(os.fsencode(path)).hexdigest()[:16]
         h, w = self.shapes[i]
         version = hashlib.sha1(f"v{DISK_VERSION}:{st.st_size}:{st.st_mtime_ns}:{h}x{w}".encode()).hexdigest()[:12]
         return stem, f"{stem}_{version}.npy"

@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, read_coco_json
 from .augment import RareOps, hsv, hue_rotation, letterbox_tile, mosaic_tiles, render, sv_gain, to_chw_rgb
 from .cache import ImageStore
 from .labels import LabelError, label_path, read_yolo_labels, yolo_to_xyxy
 from .letterbox import letterbox
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: truncated JPEGs are found by the scan
 
 
 @dataclass
@@ -64,9 +64,9 @@ def _fingerprint(images: list[Path]) -> str:
         for f in (p, label_path(p)):
             try:
                 st = f.stat()
-                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+                h.update(os.fsencode(f) + f":{st.st_size}:{st.st_mtime_ns}".encode())
             except OSError:
-                h.update(f"{f}:missing".encode())
+                h.update(os.fsencode(f) + b":missing")
     return h.hexdigest()
 
 
@@ -77,6 +77,17 @@ def _check_image(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def _truncated_jpeg(path: Path) -> bool:
+    """A JPEG (whatever its suffix) that lacks its closing FFD9 marker (some writers pad after it with zeros): a
+    cut-off file decodes with grey rows and only libjpeg's "Premature end of JPEG file" on stderr."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 1024))
+        return not f.read().rstrip(b"\0").endswith(b"\xff\xd9")
+
+
 def _scan(images: list[Path], nc: int) -> tuple[list[dict[str, Any]], list[str]]:
     entries, problems = [], []
     for p in images:
@@ -84,6 +95,9 @@ def _scan(images: list[Path], nc: int) -> tuple[list[dict[str, Any]], list[str]]
             w, h = _check_image(p)
         except Exception as e:
             problems.append(f"corrupt image {p}: {e}")
+            continue
+        if _truncated_jpeg(p):
+            problems.append(f"truncated JPEG {p}: no end-of-image marker; re-save or replace the file")
             continue
         try:
             labels = read_yolo_labels(label_path(p), nc)
@@ -143,7 +157,7 @@ def load_yolo_samples(images: list[Path], nc: int) -> tuple[list[Sample], list[s
 
 def load_coco_samples(json_path: Path, image_dir: Path) -> tuple[list[Sample], list[str], list[str]]:
     """Samples of a COCO instances file; class index i is the i-th category id in sorted order."""
-    gt = json.loads(json_path.read_text(encoding="utf-8"))
+    gt = read_coco_json(json_path)
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     index = {c["id"]: i for i, c in enumerate(cats)}
     by_image: dict[int, list] = {}
@@ -155,6 +169,9 @@ def load_coco_samples(json_path: Path, image_dir: Path) -> tuple[list[Sample], l
         path = image_dir / im["file_name"]
         if not path.is_file():
             problems.append(f"missing image {path}")
+            continue
+        if _truncated_jpeg(path):
+            problems.append(f"truncated JPEG {path}: no end-of-image marker; re-save or replace the file")
             continue
         rows = [[index[a["category_id"]], x, y, x + w, y + h]
                 for a in by_image.get(im["id"], []) for x, y, w, h in [a["bbox"]] if w > 0 and h > 0]

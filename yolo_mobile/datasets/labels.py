@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -32,7 +33,8 @@ def read_yolo_labels(path: Path, nc: int) -> np.ndarray:
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first class id
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -42,11 +44,13 @@ def read_yolo_labels(path: Path, nc: int) -> np.ndarray:
             values = [float(v) for v in fields]
         except ValueError:
             raise LabelError(f"{path}:{n}: not a number in {line.strip()!r}") from None
+        if not all(np.isfinite(values)):  # nan, inf and overflowing literals such as 1e400
+            raise LabelError(f"{path}:{n}: not a finite number in {line.strip()!r}")
         cls = values[0]
         if cls != int(cls) or not 0 <= cls < nc:
             raise LabelError(f"{path}:{n}: class id {fields[0]} outside 0..{nc - 1} (the data YAML has {nc} names)")
         w, h = values[3:]
-        if not all(np.isfinite(values[1:])) or min(values[1:]) < 0 or max(values[1:]) > 1 or w == 0 or h == 0:
+        if min(values[1:]) < 0 or max(values[1:]) > 1 or w == 0 or h == 0:
             raise LabelError(f"{path}:{n}: box {fields[1:]} is not normalised xywh inside [0, 1]")
         rows.append(values)
     return np.array(rows, np.float32).reshape(-1, 5)
@@ -54,16 +58,39 @@ def read_yolo_labels(path: Path, nc: int) -> np.ndarray:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, as stored (no EXIF rotation: labels refer to stored pixels)."""
-    with Image.open(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError:
+        raise
+    except Exception as e:  # ultralytics, once imported, patches Image.open to ask for pi-heif on any failure
+        raise OSError(f"cannot identify image file {str(path)!r} ({type(e).__name__})") from None
+
+
+def decode_image(path: Path, flags: int = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) -> np.ndarray:
+    """BGR uint8 image decoded from the file's bytes. Python opens the file, so any name works: OpenCV's own
+    ``imread`` crashes on a name that is not valid UTF-8. Raises OSError naming the file when it cannot."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise OSError(f"{path}: cannot read image ({e.strerror or e})") from None
+    bgr = cv2.imdecode(data, flags) if data.size else None
+    if bgr is None:
+        raise OSError(f"{path}: cannot read image ({'empty file' if not data.size else 'corrupt or not an image'})")
+    return bgr
 
 
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 HxWx3, as stored (no EXIF rotation, to match image_size and the labels)."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
-        raise OSError(f"{path}: cannot read image (missing, corrupt or not an image)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(decode_image(path), cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: Path, bgr: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encode by the suffix and write through Python, so any file name works (see ``decode_image``)."""
+    ok, data = cv2.imencode(Path(path).suffix or ".jpg", bgr, list(params))
+    if not ok:
+        raise OSError(f"{path}: OpenCV cannot encode an image of this type")
+    data.tofile(path)
 
 
 def yolo_to_xyxy(labels: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import torch
 
+from .labels import write_image
+
 MAX_SIDE = 1920  # the grid is shrunk to this long side
 
 
@@ -53,6 +55,5 @@ def plot_batch(images: torch.Tensor, targets: torch.Tensor, names: Sequence[str]
             cv2.putText(grid, label, (p1[0], ty - base), font, size, (0, 0, 0), thick, cv2.LINE_AA)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), grid, [cv2.IMWRITE_JPEG_QUALITY, 90]):
-        raise OSError(f"cannot write {path}")
+    write_image(path, grid, [cv2.IMWRITE_JPEG_QUALITY, 90])
     return path

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import yaml
 
+from .labels import write_image
+
 CLASSES = ["circle", "square", "triangle", "star"]
 VERSION = 2  # 2: the data YAML suggests imgsz and epochs
 # Training defaults the set's YAML suggests: its own image size, and epochs that fit about half an hour on a
@@ -103,7 +105,7 @@ def build_shapes(root: Path | None = None, n_train: int = 800, n_val: int = 200,
         for i in range(n):
             img, labels = draw_sample(rng, size)
             name = f"{split}_{i:05d}"
-            cv2.imwrite(str(tmp / "images" / split / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            write_image(tmp / "images" / split / f"{name}.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
             lines = [f"{int(c)} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} {(x2 - x1) / size:.6f} "
                      f"{(y2 - y1) / size:.6f}" for c, x1, y1, x2, y2 in labels]
             (tmp / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + "\n")

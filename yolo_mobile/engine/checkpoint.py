@@ -8,6 +8,7 @@ default to) and the trainer's state for --resume.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ import torch
 from torch import nn
 
 FORMAT_KEYS = ("model", "ema", "optimizer", "config", "names", "epoch", "metrics", "version")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and says why in one line."""
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, ema: nn.Module | None = None,
@@ -51,21 +56,68 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code, a truncated file, or not a torch file at all
-        raise ValueError(f"{path}: not a yolo-mobile checkpoint that loads safely (weights_only): {e}") from None
+        raise CheckpointError(f"{path}: not a yolo-mobile checkpoint that loads safely: {_load_problem(path, e)}") \
+            from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         keys = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path}: not a yolo-mobile checkpoint (expected keys {', '.join(FORMAT_KEYS)}; got {keys})")
+        raise CheckpointError(f"{path}: not a yolo-mobile checkpoint (expected keys {', '.join(FORMAT_KEYS)}; "
+                              f"got {keys})")
     return checkpoint
+
+
+def _load_problem(path: Path, error: Exception) -> str:
+    """What torch.load's error means, in our words: its own text advises turning weights_only off, which would
+    run whatever code the file holds."""
+    pickled = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if pickled:
+        return (f"it holds pickled Python objects ({pickled.group(1)}), which are never loaded; a yolo-mobile "
+                "checkpoint holds only tensors and plain data")
+    size = path.stat().st_size
+    if not size:
+        return "the file is empty"
+    return f"not a PyTorch file, or truncated or corrupt ({size:,} bytes)"
+
+
+def built_from(checkpoint: dict[str, Any]) -> str:
+    """What a checkpoint's model was built from, for messages: its model YAML (when trained) and backbone."""
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    backbone = config.get("backbone") if isinstance(config.get("backbone"), dict) else {}
+    details = ", ".join(f"{k} {backbone[k]}" for k in ("variant", "model") if k in backbone)
+    cfg = (checkpoint.get("train_args") or {}).get("cfg")
+    name = f"backbone {backbone.get('name', '?')}" + (f" ({details})" if details else "")
+    return (f"{cfg}: " if cfg else "") + f"{name}, nc={config.get('nc', '?')}"
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path,
+                 checkpoint: dict[str, Any], target: str = "its own config") -> None:
+    """``model.load_state_dict(weights)``, or one line naming the file, the first tensors that do not fit and
+    what the checkpoint was built from (instead of torch's list of every tensor)."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+              if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    problems = [f"{len(found)} {what} (first: {', '.join(found[:2])})" for found, what in
+                ((shapes, "tensor(s) of another shape, checkpoint vs model"), (missing, "missing tensor(s)"),
+                 (unexpected, "unexpected tensor(s)")) if found]
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit the model built from {target}: {'; '.join(problems)}; "
+                              f"the checkpoint was built from {built_from(checkpoint)}")
+    model.load_state_dict(weights)
 
 
 def load_model(path: str | Path, use_ema: bool = True) -> nn.Module:
     """Rebuild the detector from a checkpoint's own config and load its weights (the EMA ones when present)."""
+    from ..config import ConfigError
     from ..detector import build_model
 
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["config"], pretrained=False)  # the checkpoint holds every weight
+    try:
+        model = build_model(checkpoint["config"], pretrained=False)  # the checkpoint holds every weight
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its stored model config does not build: {e}") from None
     weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") else checkpoint["model"]
-    model.load_state_dict(weights)
+    load_weights(model, weights, path, checkpoint)
     if checkpoint.get("names"):
         model.names = list(checkpoint["names"])
     model.train_imgsz = checkpoint.get("imgsz")

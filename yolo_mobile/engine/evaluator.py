@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, load_data_config
+from ..config import ConfigError, load_data_config, read_coco_json
 from ..datasets.labels import image_size, label_path, read_yolo_labels, yolo_to_xyxy
 
+log = logging.getLogger(__name__)
 METRIC_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
                "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
 BACKENDS = ("pycocotools", "faster")
@@ -56,6 +58,7 @@ class COCOEvaluator:
         self.image_ids = image_ids
         self.backend, self.source = backend, source
         self._coco_id = {img: im["id"] for img, im in zip(image_ids, gt["images"], strict=True)}
+        self.skipped: list[Path] = []  # images of the split left out of the ground truth (unreadable)
         self._dets: dict[int, np.ndarray] = {}  # COCO image id -> rows (image_id, x, y, w, h, score, category_id)
         self.summary_text = ""
 
@@ -68,7 +71,7 @@ class COCOEvaluator:
         part = data.split(split)
         if part.coco_json is not None:
             return cls.from_coco_json(part.coco_json, backend=backend, distributed=distributed)
-        images, annotations, ids = [], [], []
+        images, annotations, ids, skipped = [], [], [], []
         seen: dict[str, Path] = {}
         for index, path in enumerate(part.images):
             if path.stem in seen:
@@ -77,8 +80,10 @@ class COCOEvaluator:
             seen[path.stem] = path
             try:
                 width, height = image_size(path)
-            except OSError as e:
-                raise OSError(f"{path}: cannot read image size: {e}") from None
+            except OSError as e:  # empty, corrupt or unreadable: counted by validate, its objects not evaluated
+                log.warning("skipped: %s: cannot read image size (%s)", path, e)
+                skipped.append(path)
+                continue
             labels = read_yolo_labels(label_path(path), data.nc)
             images.append({"id": index, "file_name": path.name, "width": width, "height": height})
             for (c, *_), (x1, y1, x2, y2) in zip(labels, yolo_to_xyxy(labels, width, height), strict=True):
@@ -88,22 +93,17 @@ class COCOEvaluator:
             ids.append(path.stem)
         categories = [{"id": i, "name": n} for i, n in enumerate(data.names)]
         gt = {"images": images, "annotations": annotations, "categories": categories}
-        return cls(gt, ids, data.names, list(range(data.nc)), backend, source=data.source, distributed=distributed)
+        evaluator = cls(gt, ids, data.names, list(range(data.nc)), backend, source=data.source,
+                        distributed=distributed)
+        evaluator.skipped = skipped
+        return evaluator
 
     @classmethod
     def from_coco_json(cls, path: str | Path, backend: str = "pycocotools",
                        distributed: bool | None = None) -> COCOEvaluator:
         """Ground truth from a COCO ``instances_*.json``; image ids and category ids are COCO's own."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such COCO annotation file")
-        try:
-            gt = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        missing = [k for k in ("images", "annotations", "categories") if k not in gt]
-        if missing:
-            raise ConfigError(f"{path}: not a COCO instances file (no {', '.join(missing)})")
+        gt = read_coco_json(path)
         cats = sorted(gt["categories"], key=lambda c: c["id"])  # class index i <-> i-th category id
         return cls(gt, [im["id"] for im in gt["images"]], [c["name"] for c in cats], [c["id"] for c in cats],
                    backend, source=str(path), distributed=distributed)

@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..config import IMAGE_SUFFIXES
-from ..datasets.labels import read_image
+from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
 from .postprocess import non_max_suppression
 
@@ -155,8 +156,32 @@ def resolve_source(source: str | int | Path) -> Source:
     raise SourceError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}) or video ({', '.join(VIDEO_SUFFIXES)})")
 
 
+@contextlib.contextmanager
+def _opencv_name(target: str | int) -> Iterator[str | int]:
+    """``target`` as OpenCV may be given it: OpenCV's Python binding crashes (segfault) on a name that is not
+    valid UTF-8, so such a file is reached through a symlink with a plain name in a temporary folder, for as
+    long as the context lasts (an opened capture keeps the file open after the link is gone)."""
+    if not isinstance(target, str) or opencv_safe(target) == target:
+        yield target
+        return
+    with tempfile.TemporaryDirectory(prefix="yolo-mobile-") as tmp:
+        link = Path(tmp) / ("source" + opencv_safe(Path(target).suffix))
+        link.symlink_to(Path(target).resolve())
+        yield str(link)
+
+
+def opencv_safe(name: str) -> str:
+    """``name`` with the bytes that are not valid UTF-8 (surrogate escapes in Python) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _capture(target: str | int) -> cv2.VideoCapture:
+    with _opencv_name(target) as name:
+        return cv2.VideoCapture(name)
+
+
 def _open_capture(target: str | int, kind: str, label: str) -> Source:
-    cap = cv2.VideoCapture(target)
+    cap = _capture(target)
     ok = cap.isOpened()
     if ok:
         fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
@@ -189,7 +214,7 @@ def read_frames(source: Source, stats: dict[str, Any]) -> Iterator[Frame]:
                 stats["read"] += time.perf_counter() - t0
             yield image, str(p), None, False
         return
-    cap = cv2.VideoCapture(source.items[0])
+    cap = _capture(source.items[0])
     index, misses = 0, 0
     try:
         while True:
@@ -291,7 +316,11 @@ class OnnxBackend:
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail...: a file problem, not a bug to trace
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: not an ONNX model that ONNX Runtime can load ({reason})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names = json.loads(meta["names"]) if "names" in meta else None
         shape = self.session.get_inputs()[0].shape
@@ -312,6 +341,13 @@ class OnnxBackend:
         if self.nms_inside:
             return torch.from_numpy(outputs[0]).float(), torch.from_numpy(outputs[1])
         return torch.from_numpy(outputs[0]).float()
+
+
+def check_classes(classes: list[int] | None, names: list[str]) -> None:
+    """``classes`` (a filter on class indices) must name classes the model has."""
+    wrong = [c for c in classes or [] if not 0 <= c < len(names)]
+    if wrong and names:
+        raise ValueError(f"classes {wrong} outside 0..{len(names) - 1} (the model has {len(names)} classes)")
 
 
 def load_backend(weights: str | Path | None = None, cfg: str | None = None, device: torch.device | str = "cpu",
@@ -384,6 +420,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
     size = backend.imgsz or imgsz
     if size % 32:
         raise ValueError(f"imgsz must be a multiple of 32, got {size}")
+    check_classes(classes, backend.names)
     stride = int(getattr(backend, "stride", 32))
     square = not rect or backend.imgsz is not None
     batch = backend.batch or batch
@@ -489,12 +526,12 @@ def _draw_and_save(r: Result, writer_args: tuple, state: dict, save_dir: Path, s
                    images: bool) -> None:
     canvas = r.plot()
     if save and images:
-        cv2.imwrite(str(save_dir / Path(r.path).name), canvas)
+        write_image(save_dir / Path(r.path).name, canvas)
     elif save:
         if state.get("writer") is None:
             h, w = canvas.shape[:2]
             path, fps = writer_args
-            state["writer"] = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            state["writer"] = cv2.VideoWriter(opencv_safe(str(path)), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
         state["writer"].write(canvas)
     if show:
         cv2.imshow("yolo-mobile", canvas)
@@ -574,6 +611,11 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
                     cv2.destroyAllWindows()
     if save_json:
         (save_dir / "predictions.json").write_text(json.dumps(records))
+    if not stats.get("frames") and not interrupted:
+        log.warning("%s: no %s could be read, so nothing was saved", source,
+                    "image" if src.kind == "images" else "frame")
+        with contextlib.suppress(OSError):  # only when nothing at all was written (an empty folder)
+            save_dir.rmdir()
     n = max(stats.get("frames", 0), 1)
     stats["draw"] = timed["draw"] + timed["labels"]
     stats["wall"] = time.perf_counter() - start

@@ -36,7 +36,7 @@ from ..datasets.sampler import MultiScaleBatchSampler
 from ..datasets.synthetic import resolve_data
 from ..detector import Detector, build_model, pretrained_weights
 from ..loss import DetectionLoss
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .device import next_run_dir, select_device
 from .evaluator import COCOEvaluator
 from .memory import (
@@ -533,9 +533,10 @@ class Trainer:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
     def _load_state(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        target = f"its stored config with the data's {len(self.names)} classes"
+        load_weights(self.model, ckpt["model"], self.resume_from, ckpt, target)
         if self.ema is not None and ckpt.get("ema"):
-            self.ema.ema.load_state_dict(ckpt["ema"])
+            load_weights(self.ema.ema, ckpt["ema"], self.resume_from, ckpt, target)
             self.ema.updates = int(ckpt.get("ema_updates", 0))
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])

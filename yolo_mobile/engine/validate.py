@@ -29,7 +29,8 @@ def split_items(data_yaml: str | Path, split: str, evaluator: COCOEvaluator) -> 
     part = data.split(split)
     if part.coco_json is not None:
         return [(im["id"], part.image_dir / im["file_name"]) for im in evaluator.gt["images"]]
-    return [(p.stem, p) for p in part.images]
+    known = set(evaluator.image_ids)  # without the images the evaluator skipped as unreadable
+    return [(p.stem, p) for p in part.images if p.stem in known]
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str 
     if module:
         model.eval()
     dtype = next(model.parameters()).dtype if module else torch.float32
-    skipped, seconds = 0, {"inference": 0.0, "nms": 0.0}
+    skipped, seconds = len(evaluator.skipped), {"inference": 0.0, "nms": 0.0}
     for images, ids, infos, n_bad in tqdm(loader, desc="val", unit="batch", disable=not progress, leave=False):
         skipped += n_bad
         if not ids:
@@ -75,11 +76,13 @@ def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str 
     if module:
         model.train(was_training)
     if skipped:
-        log.warning("%d unreadable image(s) skipped; their objects count as missed", skipped)
+        left_out = len(evaluator.skipped)  # no size, so no ground truth; the others' objects are in it
+        log.warning("%d unreadable image(s) skipped: %d without a readable size are left out, the objects of the "
+                    "other %d count as missed", skipped, left_out, skipped - left_out)
     results = evaluator.summarize()
     if not results:  # a non-zero DDP rank
         return results
-    n = max(1, len(items) - skipped)
+    n = max(1, len(items) + len(evaluator.skipped) - skipped)
     results["ms_per_image"] = {k: 1000 * v / n for k, v in seconds.items()}
     results["skipped_images"] = skipped
     if save_dir is not None:

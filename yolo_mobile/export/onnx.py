@@ -20,10 +20,21 @@ from torchvision.ops import box_convert
 from ..engine.postprocess import class_aware_nms
 
 PARITY_TOLERANCE = 1e-3  # max abs difference, float32
+MIN_OPSET = 9  # opset 8 cannot export the neck's nearest-neighbour upsampling
 
 
-class ExportError(RuntimeError):
-    """The exported file does not run the same as the PyTorch model."""
+def max_opset() -> int:
+    """The newest opset torch's exporter writes (its constant is private, hence the fallback)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:
+        return 20
+    return int(ONNX_MAX_OPSET)
+
+
+class ExportError(ValueError):
+    """The exported file does not run the same as the PyTorch model (a ValueError: the CLI reports it in one
+    line, as it does bad arguments; another opset may export a file that does)."""
 
 
 class DetectorWithNMS(nn.Module):
@@ -101,19 +112,43 @@ def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: i
                 conf: float = 0.25, iou: float = 0.7, device: str = "cpu",
                 check_images: list[str | Path] | None = None) -> dict[str, Any]:
     """Fuse, export, check with onnx.checker, optionally simplify, then compare ONNX Runtime with PyTorch on a
-    drawn image and ``check_images`` (and, with ``dynamic``, at a second batch and size). Returns a report."""
+    drawn image and ``check_images`` (and, with ``dynamic``, at a second batch and size). Returns a report.
+
+    The file is written under a temporary name beside ``output`` and moved into place only when every check
+    passed: a failed export leaves nothing behind."""
+    output = Path(output)
+    if imgsz < 32 or imgsz % 32:
+        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    if batch < 1 or max_det < 1:
+        raise ValueError(f"batch and max_det must be >= 1, got {batch} and {max_det}")
+    if not MIN_OPSET <= opset <= max_opset():
+        raise ValueError(f"opset must be in {MIN_OPSET}..{max_opset()}, got {opset}")
+    if output.is_dir():
+        raise ValueError(f"{output}: is a folder; give the path of the .onnx file to write")
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        report = _export(model, partial, imgsz, batch, dynamic, opset, simplify, half, nms, max_det, conf, iou,
+                         device, check_images)
+        partial.replace(output)
+    except ExportError as e:
+        raise ExportError(f"{output}: {e}; nothing was written") from None
+    finally:
+        partial.unlink(missing_ok=True)  # after a failed check (or any error): no half-checked file
+    return {**report, "path": output}
+
+
+def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: bool, opset: int, simplify: bool,
+            half: bool, nms: bool, max_det: int, conf: float, iou: float, device: str,
+            check_images: list[str | Path] | None) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
     from .. import __version__
     from ..engine.device import select_device
 
-    if imgsz % 32:
-        raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
     dev = select_device(device)
     if half and dev.type != "cuda":
         raise ValueError("--half export needs a CUDA device (fp16 convolutions do not run on the CPU)")
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fused = copy.deepcopy(model).cpu().float().fuse()  # the caller's model stays as it was
     module: nn.Module = DetectorWithNMS(fused, conf, iou, max_det) if nms else fused
@@ -175,7 +210,6 @@ def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: i
             checked.append(f"random and {'real' if paths else 'drawn'} images at {b}x3x{h}x{w}")
     worst = max(diffs, default=float("nan"))
     if diffs and not worst < PARITY_TOLERANCE:
-        raise ExportError(f"{output}: ONNX Runtime differs from PyTorch by {worst:.2e} "
-                          f"(tolerance {PARITY_TOLERANCE:.0e})")
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
             "checked": checked}
