@@ -24,7 +24,7 @@ def test_model_outputs_gradients_and_fuse(cfg):
     sum(m.float().mean() for m in maps).backward()
     assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
 
-    # eval mode: (B, 4 + nc, N), boxes as cx, cy, w, h in input pixels, scores in [0, 1]
+    # eval mode: (B, 4 + nc, N); the decode's values are checked by hand in test_head.py
     randomize_bn(model)
     for head in model.head.cls:
         torch.nn.init.zeros_(head[-1].bias)  # scores near 0.5, so the fused comparison tests the class branch too
@@ -34,9 +34,6 @@ def test_model_outputs_gradients_and_fuse(cfg):
         with torch.no_grad():
             out = model(x)
         assert out.shape == (1, 4 + 7, n_anchors(h, w))
-        assert out[:, 4:].min() >= 0 and out[:, 4:].max() <= 1
-        assert out[:, 2:4].min() >= 0  # widths and heights
-        assert out[:, 0].min() >= 0 and out[:, 0].max() <= w and out[:, 1].max() <= h  # centres inside the image
 
     with torch.no_grad():
         before = model(x)

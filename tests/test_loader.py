@@ -216,9 +216,9 @@ def test_disk_cache_is_rebuilt_when_an_image_changes(tmp_path, monkeypatch):
 
 
 def test_ram_cache_that_does_not_fit_says_so(coloured, monkeypatch, caplog):
-    import yolo_mobile.engine.memory as memory
+    import yolo_mobile.resources as resources
 
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 100_000)
+    monkeypatch.setattr(resources, "available_bytes", lambda device: 100_000)
     with caplog.at_level(logging.WARNING):
         ds = DetectionDataset(coloured, 128, augment=True, cache="ram")
     assert ds.store.cache is None and ds.store.ram is None

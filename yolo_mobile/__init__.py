@@ -8,17 +8,18 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {
-    "build_model": "yolo_mobile.detector",
+    "build_model": "yolo_mobile.api",
+    "load_model": "yolo_mobile.api",
+    "Model": "yolo_mobile.api",
     "Detector": "yolo_mobile.detector",
     "list_backbones": "yolo_mobile.backbones",
     "build_backbone": "yolo_mobile.backbones",
     "register_backbone": "yolo_mobile.backbones",
     "Backbone": "yolo_mobile.backbones",
     "list_builtin_models": "yolo_mobile.config",
-    "load_model": "yolo_mobile.engine.checkpoint",
     "COCOEvaluator": "yolo_mobile.engine.evaluator",
     "train": "yolo_mobile.engine.trainer",
 }

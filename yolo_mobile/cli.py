@@ -402,7 +402,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="yolo-mobile", description="YOLO detection with mobile backbones")
     parser.add_argument("--version", action="version", version=f"yolo-mobile {__version__}")

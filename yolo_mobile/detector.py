@@ -49,21 +49,6 @@ class Detector(nn.Module):
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return self.head(self.neck(self.backbone(x)))
 
-    def save(self, path: str | Path, **extra: Any) -> Path:
-        """Write a checkpoint that ``load_model(path)`` reads (see engine/checkpoint.py for the format)."""
-        from .engine.checkpoint import save_checkpoint
-
-        return save_checkpoint(path, self, **extra)
-
-    def predict(self, source: Any, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                classes: list[int] | None = None, batch: int = 1):
-        """Yield one result per image or frame of ``source`` (image, folder, glob, video, webcam index, URL):
-        ``boxes`` (xyxy, original pixels), ``scores``, ``classes`` and ``names``."""
-        from .engine.predictor import TorchBackend, predict
-
-        device = next(self.parameters()).device
-        yield from predict(TorchBackend(self, device), source, imgsz, conf, iou, max_det, classes, batch)
-
     @torch.no_grad()
     def fuse(self) -> Detector:
         """Prepare for deployment: eval mode, backbone reparameterization, Conv+BN folding. Outputs are unchanged."""
@@ -146,12 +131,13 @@ def pretrained_weights(config: ModelConfig, pretrained: bool | str | Path = True
 
 
 def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None = None,
-                pretrained: bool | str | Path = True) -> Detector:
+                pretrained: bool | str | Path = True, model_class: type[Detector] = Detector) -> Detector:
     """Build a detector from a model YAML path, a built-in name (``"mobilevit_s.yaml"``) or a dict.
 
     ``nc`` overrides the YAML's number of classes. ``pretrained``: True loads the file the YAML names under
     ``backbone.pretrained`` (if any), a path loads that file instead, False loads none (a checkpoint's weights
-    follow). What was loaded is in ``model.pretrained_report``.
+    follow). What was loaded is in ``model.pretrained_report``. ``model_class``: a subclass of ``Detector`` to
+    build (the public API's ``Model`` adds ``save`` and ``predict``).
     """
     from .backbones.pretrained import load_pretrained
 
@@ -175,6 +161,6 @@ def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None =
                           act=config.head.act)
     except ValueError as e:
         raise ConfigError(f"{config.source}: {e}") from e
-    model = Detector(backbone, neck, head, config)
+    model = model_class(backbone, neck, head, config)
     model.pretrained_report = report
     return model

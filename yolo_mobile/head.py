@@ -2,7 +2,8 @@
 
 Training returns the raw per-level maps (box distribution channels first, then class logits), the layout
 ultralytics' detection loss reads. Eval returns ``(B, 4 + nc, N)``: cx, cy, w, h in input pixels, then class
-scores, the layout of ultralytics' ONNX files.
+scores, the layout of ultralytics' ONNX files. The decode (anchor points, distances to boxes) is our own, so
+inference and export never import ultralytics.
 """
 
 from __future__ import annotations
@@ -12,8 +13,33 @@ import math
 import torch
 from torch import nn
 
-from . import _ultralytics
 from .layers import ConvBNAct
+
+
+def anchor_points(maps: list[torch.Tensor], strides: list[int], offset: float = 0.5
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell centres of every level, row-major, level after level: points (N, 2) as (x, y) in grid units of their
+    level and each point's stride (N, 1). Shapes are read from the maps, so they stay symbolic when traced."""
+    points, point_strides = [], []
+    for m, stride in zip(maps, strides, strict=True):
+        h, w = m.shape[-2:]
+        xs = torch.arange(w, device=m.device, dtype=m.dtype) + offset
+        ys = torch.arange(h, device=m.device, dtype=m.dtype) + offset
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack((grid_x, grid_y), -1).view(-1, 2))
+        point_strides.append(torch.full((h * w, 1), stride, device=m.device, dtype=m.dtype))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+def distances_to_boxes(distances: torch.Tensor, points: torch.Tensor, xywh: bool = True, dim: int = -1
+                       ) -> torch.Tensor:
+    """Boxes from (left, top, right, bottom) distances to their anchor points along ``dim``: cx, cy, w, h when
+    ``xywh``, else x1, y1, x2, y2; in the units of the inputs."""
+    left_top, right_bottom = distances.chunk(2, dim)
+    top_left_corner, bottom_right_corner = points - left_top, points + right_bottom
+    if xywh:
+        return torch.cat(((top_left_corner + bottom_right_corner) / 2, bottom_right_corner - top_left_corner), dim)
+    return torch.cat((top_left_corner, bottom_right_corner), dim)
 
 
 class DetectHead(nn.Module):
@@ -54,7 +80,7 @@ class DetectHead(nn.Module):
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         cached = self._anchor_cache  # read once: predict's frame workers share this module
         if tracing or cached is None or cached[0] != key:
-            points, strides = _ultralytics.tal().make_anchors(maps, self.strides, 0.5)
+            points, strides = anchor_points(maps, self.strides)
             if tracing:  # shapes must stay symbolic in an exported graph
                 return points, strides
             cached = self._anchor_cache = (key, points, strides)
@@ -68,5 +94,5 @@ class DetectHead(nn.Module):
         dist = box.view(b, 4, self.reg_max, -1).softmax(2)
         dist = (dist * self.bins.to(dist.dtype).view(1, 1, -1, 1)).sum(2)  # (B, 4, N)
         points, strides = self.anchors(maps)
-        boxes = _ultralytics.tal().dist2bbox(dist, points.T.unsqueeze(0), xywh=True, dim=1) * strides.T
+        boxes = distances_to_boxes(dist, points.T.unsqueeze(0), xywh=True, dim=1) * strides.T
         return torch.cat((boxes, cls.sigmoid()), 1)

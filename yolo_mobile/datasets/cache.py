@@ -135,7 +135,7 @@ class ImageStore:
     def _fill_ram(self) -> bool:
         import torch
 
-        from ..engine.memory import GiB, available_bytes  # lazily: the engine imports this package
+        from ..resources import GiB, available_bytes
 
         need = self.nbytes
         free = available_bytes(torch.device("cpu"))

@@ -15,6 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ConfigError
+from ..detector import Detector, build_model
+from ..version import __version__
+
 FORMAT_KEYS = ("model", "ema", "optimizer", "config", "names", "epoch", "metrics", "version")
 
 
@@ -26,8 +30,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, ema: nn.Module | None
                     optimizer: torch.optim.Optimizer | None = None, epoch: int | None = None,
                     metrics: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """``extra`` adds plain-data entries (the trainer's scheduler, scaler and arguments, for --resume)."""
-    from .. import __version__
-
     if getattr(model, "fused", False):
         raise ValueError("a fused model cannot be saved as a checkpoint (its layers changed); save before fuse()")
     path = Path(path)
@@ -106,14 +108,11 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str |
     model.load_state_dict(weights)
 
 
-def load_model(path: str | Path, use_ema: bool = True) -> nn.Module:
+def load_model(path: str | Path, use_ema: bool = True, model_class: type[Detector] = Detector) -> Detector:
     """Rebuild the detector from a checkpoint's own config and load its weights (the EMA ones when present)."""
-    from ..config import ConfigError
-    from ..detector import build_model
-
     checkpoint = load_checkpoint(path)
-    try:
-        model = build_model(checkpoint["config"], pretrained=False)  # the checkpoint holds every weight
+    try:  # the checkpoint holds every weight
+        model = build_model(checkpoint["config"], pretrained=False, model_class=model_class)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored model config does not build: {e}") from None
     weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") else checkpoint["model"]

@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-GiB = 2**30
+from ..resources import proc_kb, usable_cpus
+
 WORKER_BYTES = 600 * 2**20  # one DataLoader worker: its own Python, torch, OpenCV and albumentations
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as torch's DataLoader counts them)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -37,53 +28,6 @@ def default_workers(world_size: int = 1) -> int:
 def _malloc_trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the next peak starts from what is held
-
-
-def _proc_kb(path: str, key: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def resident_bytes() -> int:
-    """This process's resident set (0 where /proc cannot be read)."""
-    return (_proc_kb("/proc/self/status", "VmRSS") or 0) * 1024
-
-
-def _cgroup_limit_bytes() -> int | None:
-    """The memory limit of this process's cgroup (v2 or v1), when one is set."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:
-            usage_file = "memory.current" if path.endswith("memory.max") else "memory.usage_in_bytes"
-            try:
-                used = int((Path(path).parent / usage_file).read_text().strip())
-            except (OSError, ValueError):
-                used = 0
-            return int(text) - used
-    return None
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can still take: free GPU memory, or MemAvailable (and the cgroup's headroom)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        # what our own allocator holds but does not use can be reused too
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    kb = _proc_kb("/proc/meminfo", "MemAvailable")
-    if kb is None:
-        return None
-    available = kb * 1024
-    limit = _cgroup_limit_bytes()
-    return min(available, limit) if limit is not None else available
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -101,9 +45,9 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
             f.write("5")  # resets VmHWM to the current resident set
     except OSError:
         return None
-    before = _proc_kb("/proc/self/status", "VmRSS")
+    before = proc_kb("/proc/self/status", "VmRSS")
     fn()
-    peak = _proc_kb("/proc/self/status", "VmHWM")
+    peak = proc_kb("/proc/self/status", "VmHWM")
     if before is None or peak is None:
         return None
     return max(peak - before, 0) * 1024

@@ -35,6 +35,7 @@ import torch
 from ..config import IMAGE_SUFFIXES
 from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
+from ..resources import usable_cpus
 from .postprocess import non_max_suppression
 
 log = logging.getLogger(__name__)
@@ -485,14 +486,6 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
             for f in in_flight:
                 f.cancel()
             pool.shutdown(wait=True)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def detect_parallelism(backend, source: Source) -> tuple[int, int | None]:

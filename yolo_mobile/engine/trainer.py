@@ -36,19 +36,11 @@ from ..datasets.sampler import MultiScaleBatchSampler
 from ..datasets.synthetic import resolve_data
 from ..detector import Detector, build_model, pretrained_weights
 from ..loss import DetectionLoss
+from ..resources import GiB, available_bytes, resident_bytes
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .device import next_run_dir, select_device
 from .evaluator import COCOEvaluator
-from .memory import (
-    WORKER_BYTES,
-    GiB,
-    available_bytes,
-    default_workers,
-    largest_batch,
-    measure_step,
-    random_targets,
-    resident_bytes,
-)
+from .memory import WORKER_BYTES, default_workers, largest_batch, measure_step, random_targets
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -662,7 +654,7 @@ class Trainer:
             self.optimizer_steps += 1
             self.consecutive_skips = 0
             if self.ema is not None:
-                self.ema.update(self.model_unwrapped)
+                self.ema.update(model=self.model_unwrapped)
             level = self.loss_watch.update(loss)
             if level is not None and not self.loss_warned and self.main:
                 self.loss_warned = True  # once per epoch

@@ -143,8 +143,8 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     import onnx
     import onnxruntime as ort
 
-    from .. import __version__
     from ..engine.device import select_device
+    from ..version import __version__
 
     dev = select_device(device)
     if half and dev.type != "cuda":
