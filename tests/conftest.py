@@ -1,3 +1,4 @@
+import functools
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,24 @@ needs_coco128 = pytest.mark.skipif(not (COCO128 / "coco128.yaml").is_file(), rea
 
 # Arguments for registered backbones that cannot be built without any; every other backbone is built bare.
 BACKBONE_ARGS = {"timm": {"model": "efficientvit_b0"}, "vit": {"model": "deit_tiny_patch16_224"}}
+
+
+@functools.cache
+def model_for_backbone(name: str) -> str | dict:
+    """The model config that stands for a registered backbone in tests that loop over the registry: its smallest
+    built-in YAML (by backbone parameters), or a bare config with ``BACKBONE_ARGS`` where no built-in uses it."""
+    from yolo_mobile.backbones import build_backbone
+    from yolo_mobile.config import list_builtin_models, load_model_config
+
+    sizes = {}
+    for cfg in list_builtin_models():
+        backbone = load_model_config(cfg).backbone
+        if backbone["name"] == name:
+            kwargs = {k: v for k, v in backbone.items() if k not in ("name", "pretrained", "strict")}
+            sizes[cfg] = sum(p.numel() for p in build_backbone(name, **kwargs).parameters())
+    if not sizes:
+        return {"backbone": {"name": name, **BACKBONE_ARGS.get(name, {})}}
+    return min(sizes, key=sizes.get)
 
 
 @pytest.fixture(autouse=True)

@@ -132,3 +132,46 @@ def test_strides_must_rise_by_one_or_two():
 def test_timm_unknown_model_says_so():
     with pytest.raises(ValueError, match="not_a_timm_model"):
         build_backbone("timm", model="not_a_timm_model")
+
+
+class _ConvThenNorm(torch.nn.Module):
+    """A Conv-Norm-Act of no known library: folded because its traced forward feeds the conv to the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+class _NormOfInput(torch.nn.Module):
+    """Pre-norm: the norm reads the input, not the conv, so folding it into the conv would change the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def fold_and_compare(module: torch.nn.Module, x: torch.Tensor) -> int:
+    from yolo_mobile.layers import fold_conv_bn
+
+    randomize_bn(module)
+    module.eval()
+    with torch.no_grad():
+        before = module(x)
+        folded = fold_conv_bn(module)
+        torch.testing.assert_close(module(x), before, rtol=1e-4, atol=1e-5)
+    return folded
+
+
+def test_folding_reads_the_forward_not_the_class():
+    assert fold_and_compare(_ConvThenNorm(), torch.rand(1, 3, 16, 16)) == 1
+    pre_norm = _NormOfInput()
+    assert fold_and_compare(pre_norm, torch.rand(1, 4, 16, 16)) == 0
+    assert isinstance(pre_norm.bn, torch.nn.BatchNorm2d)

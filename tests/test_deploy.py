@@ -6,10 +6,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONE_ARGS, COCO128, needs_coco128, randomize_bn
+from conftest import COCO128, model_for_backbone, needs_coco128, randomize_bn
 from torchvision.ops import box_iou
 
-from yolo_mobile import build_model
+from yolo_mobile import build_model, list_backbones
 from yolo_mobile.cli import main
 from yolo_mobile.engine.postprocess import non_max_suppression
 from yolo_mobile.engine.predictor import OnnxBackend, SourceError, TorchBackend, detect, predict, resolve_source
@@ -117,12 +117,9 @@ def test_python_predict_api(tmp_path):
     assert (r.boxes[:, [0, 2]] <= 70).all() and (r.boxes[:, [1, 3]] <= 50).all()
 
 
-FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml", "emo_1m.yaml",
-               {"backbone": {"name": "timm", **BACKBONE_ARGS["timm"]}}]
-
-
-@pytest.mark.parametrize("cfg", FAMILY_CFGS, ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm"])
-def test_export_parity_static_and_dynamic(tmp_path, cfg):
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_export_parity_static_and_dynamic(tmp_path, backbone):
+    cfg = model_for_backbone(backbone)
     model = lively(cfg)
     report = export_onnx(model, tmp_path / "m.onnx", imgsz=320, dynamic=True)
     # checked at 1x3x320x320 and, dynamic, at 2x3x256x384, on random and drawn images; raises above 1e-3

@@ -1,5 +1,7 @@
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,80 @@ def test_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch, caplog):
     BACKBONES.load_entry_points()
     assert "broken" not in list_backbones()
     assert "no_such_module_xyz" in caplog.text
+
+
+def test_plugin_under_a_builtin_name_is_an_error_naming_both(tmp_path, monkeypatch):
+    (tmp_path / "clash_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "clash_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[yolo_mobile.backbones]\nmobilevit = clash_plugin:TinyBackbone\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        expected = (r"backbone plugin 'mobilevit' \(clash_plugin:TinyBackbone of package clash-plugin\) takes the "
+                    r"name of yolo_mobile\.backbones\.mobilevit\.")
+        with pytest.raises(RegistryError, match=expected):
+            BACKBONES.load_entry_points()
+        with pytest.raises(RegistryError, match="takes the name of"):  # not only once: every look-up says so
+            list_backbones()
+        assert BACKBONES._builders["mobilevit"].__module__ == "yolo_mobile.backbones.mobilevit"
+    finally:
+        monkeypatch.undo()
+        BACKBONES.load_entry_points()
+        sys.modules.pop("clash_plugin", None)
+
+
+NEW_FAMILY = textwrap.dedent(
+    """
+    from torch import nn
+
+    from ..layers import ConvBNAct
+    from .base import Backbone, register_backbone
+
+
+    @register_backbone("strided")
+    class Strided(Backbone):
+        def __init__(self, width: int = 8) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(ConvBNAct(3, width, 3, 2), ConvBNAct(width, width, 3, 2))
+            self.p3 = ConvBNAct(width, width, 3, 2)
+            self.p4 = ConvBNAct(width, 2 * width, 3, 2)
+            self.p5 = ConvBNAct(2 * width, 4 * width, 3, 2)
+            self.channels = [width, 2 * width, 4 * width]
+
+        def forward(self, x):
+            p3 = self.p3(self.stem(x))
+            p4 = self.p4(p3)
+            return [p3, p4, self.p5(p4)]
+    """
+)
+
+CHECK_NEW_FAMILY = """
+import torch
+from yolo_mobile import build_model, list_backbones
+from yolo_mobile.config import list_builtin_models
+
+assert "strided" in list_backbones(), list_backbones()
+assert "strided_s.yaml" in list_builtin_models()
+model = build_model("strided_s.yaml").eval()
+assert model.backbone.channels == [16, 32, 64] and model.nc == 4
+print(tuple(model(torch.rand(1, 3, 64, 96)).shape))
+"""
+
+
+def test_a_new_builtin_backbone_is_one_file_plus_one_yaml(tmp_path):
+    """A copy of the package with one new file in backbones/ and one YAML in models/, nothing else edited."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(repo / "yolo_mobile", tmp_path / "yolo_mobile", ignore=ignore)
+    shutil.copytree(repo / "models", tmp_path / "models", ignore=ignore)
+    (tmp_path / "yolo_mobile" / "backbones" / "strided.py").write_text(NEW_FAMILY)
+    (tmp_path / "models" / "strided_s.yaml").write_text(
+        "nc: 4\nbackbone: {name: strided, width: 16}\nneck: {depth: 0.33, width: 0.25}\n")
+    done = subprocess.run([sys.executable, "-c", CHECK_NEW_FAMILY], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str((1, 4 + 4, 8 * 12 + 4 * 6 + 2 * 3))

@@ -9,7 +9,7 @@ import itertools
 import math
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 ACTIVATIONS = {
@@ -93,19 +93,22 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat((x, y1, y2, self.pool(y2)), 1))
 
 
-def _conv_norm_types() -> tuple[type, ...]:
-    """Modules whose forward applies their ``norm``/``bn`` child right after their ``conv`` child."""
-    types: list[type] = [ConvBNAct]
-    try:  # timm's own Conv-Norm-Act blocks (MobileViT, FastViT, EfficientViT); imported only when timm is there
-        from timm.layers import ConvNormAct
+class _ConvNormTracer(fx.Tracer):
+    """Keeps every conv and norm (timm's BatchNormAct2d included) as one call, whatever package defines it."""
 
-        types.append(ConvNormAct)
-        from timm.models.efficientvit_mit import ConvNormAct as EfficientVitConvNormAct
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
-        types.append(EfficientVitConvNormAct)
-    except ImportError:
-        pass
-    return tuple(types)
+
+def _norm_follows_conv(module: nn.Module, norm_name: str) -> bool:
+    """Whether ``module.forward`` feeds its ``conv`` child's output to its ``norm_name`` child and nowhere else,
+    read from the module's traced graph (a module that cannot be traced is not folded)."""
+    try:
+        graph = _ConvNormTracer().trace(module)
+    except Exception:  # data-dependent control flow and the like: leave the module as it is
+        return False
+    convs = [n for n in graph.nodes if n.op == "call_module" and n.target == "conv"]
+    return len(convs) == 1 and [(u.op, u.target) for u in convs[0].users] == [("call_module", norm_name)]
 
 
 def _fold(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.Module, nn.Module]:
@@ -116,15 +119,14 @@ def _fold(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> tuple[nn.
     return fused, (nn.Sequential(*rest) if rest else nn.Identity())
 
 
-def fold_conv_bn(model: nn.Module, extra_types: tuple[type, ...] = ()) -> int:
+def fold_conv_bn(model: nn.Module) -> int:
     """Fold every BatchNorm2d that directly follows a Conv2d (or, in a Sequential, a ConvTranspose2d) into the
     conv's weights; returns how many.
 
-    Two patterns are safe to fold without tracing: consecutive children of an ``nn.Sequential`` and the
-    ``conv`` -> ``bn``/``norm`` pair of known Conv-Norm-Act modules (plus ``extra_types``, a backbone's own).
-    Call in eval mode only.
+    Two patterns are folded: consecutive children of an ``nn.Sequential``, and any module (ours, timm's, a
+    backbone's own Conv-Norm-Act) with ``conv`` and ``bn``/``norm`` children whose traced forward sends the conv's
+    output to the norm alone. Call in eval mode only.
     """
-    known = _conv_norm_types() + tuple(extra_types)
     folded = 0
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
@@ -134,11 +136,11 @@ def fold_conv_bn(model: nn.Module, extra_types: tuple[type, ...] = ()) -> int:
                 if type(conv) in (nn.Conv2d, nn.ConvTranspose2d) and isinstance(bn, nn.BatchNorm2d):
                     module._modules[a], module._modules[b] = _fold(conv, bn)
                     folded += 1
-        elif isinstance(module, known):
-            norm_name = "bn" if hasattr(module, "bn") else "norm"
-            conv, bn = module.conv, getattr(module, norm_name, None)
-            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
-                module.conv, new_bn = _fold(conv, bn)
-                setattr(module, norm_name, new_bn)
-                folded += 1
+            continue
+        norm_name = "bn" if hasattr(module, "bn") else "norm"
+        conv, bn = getattr(module, "conv", None), getattr(module, norm_name, None)
+        if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and _norm_follows_conv(module, norm_name):
+            module.conv, new_bn = _fold(conv, bn)
+            setattr(module, norm_name, new_bn)
+            folded += 1
     return folded

@@ -18,6 +18,11 @@ class RegistryError(KeyError):
         return str(self.args[0])
 
 
+def describe(builder: Callable[..., Any]) -> str:
+    """``module.QualifiedName`` of a builder, for messages."""
+    return f"{getattr(builder, '__module__', '?')}.{getattr(builder, '__qualname__', repr(builder))}"
+
+
 class Registry:
     """Maps names to builders (a class or a function). ``group`` is the entry-point group scanned for plugins."""
 
@@ -32,24 +37,32 @@ class Registry:
 
         def add(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._builders and self._builders[name] is not fn:
-                raise RegistryError(f"{self.kind} '{name}' is already registered (by {self._builders[name]!r})")
+                raise RegistryError(f"{self.kind} '{name}' is already registered (by {describe(self._builders[name])})")
             self._builders[name] = fn
             return fn
 
         return add(builder) if builder is not None else add
 
     def load_entry_points(self) -> None:
-        """Register every plugin of the entry-point group; a plugin that fails to load is reported and skipped."""
+        """Register every plugin of the entry-point group; a plugin that fails to load is reported and skipped,
+        one that takes a name already registered (a built-in's) is an error naming both."""
         self._scanned = True
         if self.group is None:
             return
         for ep in entry_points(group=self.group):
-            if ep.name in self._builders:
-                continue
             try:
-                self.register(ep.name, ep.load())
+                builder = ep.load()
             except Exception as e:  # a broken third-party plugin must not break the built-ins
                 log.warning("%s plugin '%s' (%s) failed to load: %s", self.kind, ep.name, ep.value, e)
+                continue
+            taken = self._builders.get(ep.name)
+            if taken is not None and taken is not builder:
+                self._scanned = False  # every later look-up fails the same way until the plugin is renamed
+                source = f" of package {ep.dist.name}" if ep.dist is not None else ""
+                raise RegistryError(
+                    f"{self.kind} plugin '{ep.name}' ({ep.value}{source}) takes the name of "
+                    f"{describe(taken)}; rename the plugin's entry point in its group {self.group}")
+            self.register(ep.name, builder)
 
     def _scan_once(self) -> None:
         if not self._scanned:

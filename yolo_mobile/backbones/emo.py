@@ -22,7 +22,6 @@ from timm.layers import DropPath
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
-from ..layers import fold_conv_bn
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, pick_variant, register_backbone
 
 EPS = 1e-6
@@ -223,9 +222,6 @@ class EMO(Backbone):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return _run_stages(self, x)[2:]
-
-    def reparameterize(self) -> None:
-        fold_conv_bn(self, extra_types=(ConvNormAct,))
 
     @staticmethod
     def pretrained_style(keys: set[str]) -> str | None:
