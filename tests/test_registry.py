@@ -72,14 +72,21 @@ PLUGIN = textwrap.dedent(
 )
 
 
+def install_plugin(root: Path, monkeypatch, package: str, entry_point: str, source: str | None = PLUGIN) -> None:
+    """An installed distribution ``package`` (its module ``source``, when given) declaring ``entry_point``."""
+    module = package.replace("-", "_")
+    if source is not None:
+        (root / f"{module}.py").write_text(source)
+    dist = root / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[yolo_mobile.backbones]\n{entry_point}\n")
+    monkeypatch.syspath_prepend(str(root))
+
+
 def test_third_party_backbone_through_entry_point(tmp_path, monkeypatch):
     """A package that declares `yolo_mobile.backbones` entry points is found without importing it by hand."""
-    (tmp_path / "tiny_plugin.py").write_text(PLUGIN)
-    dist = tmp_path / "tiny_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[yolo_mobile.backbones]\ntiny = tiny_plugin:TinyBackbone\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "tiny-plugin", "tiny = tiny_plugin:TinyBackbone")
     BACKBONES.load_entry_points()
     try:
         assert "tiny" in list_backbones()
@@ -94,23 +101,14 @@ def test_third_party_backbone_through_entry_point(tmp_path, monkeypatch):
 
 
 def test_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch, caplog):
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[yolo_mobile.backbones]\nbroken = no_such_module_xyz:Thing\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "broken-plugin", "broken = no_such_module_xyz:Thing", source=None)
     BACKBONES.load_entry_points()
     assert "broken" not in list_backbones()
     assert "no_such_module_xyz" in caplog.text
 
 
 def test_plugin_under_a_builtin_name_is_an_error_naming_both(tmp_path, monkeypatch):
-    (tmp_path / "clash_plugin.py").write_text(PLUGIN)
-    dist = tmp_path / "clash_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[yolo_mobile.backbones]\nmobilevit = clash_plugin:TinyBackbone\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "clash-plugin", "mobilevit = clash_plugin:TinyBackbone")
     try:
         expected = (r"backbone plugin 'mobilevit' \(clash_plugin:TinyBackbone of package clash-plugin\) takes the "
                     r"name of yolo_mobile\.backbones\.mobilevit\.")
