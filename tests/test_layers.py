@@ -132,3 +132,20 @@ def test_build_eval_predict_and_export_never_import_ultralytics(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_no_class_in_the_package_holds_mutable_state():
+    """A list, dict or set as a class attribute is shared by every instance and subclass (Backbone.strides was)."""
+    import importlib
+    import inspect
+
+    shared = []
+    for name in sorted(set(import_graph()) - {"yolo_mobile.__main__"}):  # __main__ runs the CLI
+        module = importlib.import_module(name)
+        for cls_name, cls in vars(module).items():
+            if not inspect.isclass(cls) or cls.__module__ != name:
+                continue
+            for attr, value in vars(cls).items():
+                if isinstance(value, (list, dict, set)) and not attr.startswith("__"):
+                    shared.append(f"{name}.{cls_name}.{attr}")
+    assert not shared, shared

@@ -29,7 +29,7 @@ class Backbone(nn.Module):
     """
 
     channels: list[int]
-    strides: list[int] = DETECTION_STRIDES
+    strides: tuple[int, ...] | list[int] = DETECTION_STRIDES
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
