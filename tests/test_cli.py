@@ -42,3 +42,32 @@ def test_import_is_light():
 def test_console_script_entry():
     out = subprocess.run([sys.executable, "-m", "yolo_mobile.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("yolo-mobile ")
+
+
+def test_train_flags_come_from_the_trainer_dataclass():
+    """Every TrainConfig field with help text is a flag with the field's type, choices and default, and nothing
+    else becomes a training option; parsing `models` does not import the trainer (torch)."""
+    import dataclasses
+
+    from yolo_mobile.cli import build_parser
+    from yolo_mobile.engine.trainer import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+    parser = build_parser()
+    args = parser.parse_args(["train", "--batch", "8", "--min-scale", "0.25", "--no-val", "--optimizer", "AdamW"])
+    assert (args.batch, args.min_scale, args.val, args.optimizer) == (8, 0.25, False, "AdamW")
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    assert given == {"batch": 8, "min_scale": 0.25, "val": False, "optimizer": "AdamW"}  # the rest: dataclass's
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    flags = {a.dest: a for a in train._actions if a.dest not in ("help", "resume")}
+    assert set(flags) == set(fields)
+    assert "(default 16)" in flags["batch"].help and flags["batch"].type is int
+    assert flags["optimizer"].choices == fields["optimizer"].metadata["choices"]
+    assert flags["val"].option_strings == ["--no-val"] and flags["multi_scale"].option_strings == ["--multi-scale"]
+
+
+def test_parsing_another_command_does_not_import_the_trainer():
+    code = ("import sys; from yolo_mobile.cli import build_parser; build_parser().parse_args(['models']); "
+            "print('yolo_mobile.engine.trainer' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"

@@ -551,3 +551,27 @@ def _inside(event: Any, name: str) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+def model_table(cfgs: list[str], imgsz: int, compare_ultralytics: bool = False) -> list[str]:
+    """Markdown rows: backbone params, detector params and GFLOPs (torch's FLOP counter) at ``imgsz``. A backbone
+    with a feature pyramid of its own (the ViTs) shows it apart: ``5.52 + 0.22 pyramid``."""
+    from .detector import build_model, count_flops
+
+    rows = [f"| model | backbone params (M) | detector params (M) | GFLOPs @{imgsz} |", "|---|---:|---:|---:|"]
+    for cfg in cfgs:
+        model = build_model(cfg, pretrained=False)
+        info = model.info(imgsz)
+        pyramid = getattr(model.backbone, "pyramid", None)
+        extra = sum(p.numel() for p in pyramid.parameters()) if pyramid is not None else 0
+        backbone = f"{(info['backbone_params'] - extra) / 1e6:.2f}" + (f" + {extra / 1e6:.2f} pyramid" if extra else "")
+        rows.append(f"| {cfg.removesuffix('.yaml')} | {backbone} | {info['params'] / 1e6:.2f} | {info['gflops']:.2f} |")
+    if compare_ultralytics:
+        from . import _ultralytics
+
+        for name in ULTRALYTICS_MODELS:
+            theirs = _ultralytics.reference_info(name, imgsz)
+            ours = count_flops(_ultralytics.reference_model(name), torch.zeros(1, 3, imgsz, imgsz)) / 1e9
+            rows.append(f"| ultralytics {name.removesuffix('.yaml')} | - | {theirs['params'] / 1e6:.2f} | "
+                        f"{ours:.2f} (their info: {theirs['gflops']:.1f}) |")
+    return rows

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError
+from .registry import RegistryError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,52 +47,9 @@ def fraction(text: str) -> float:
     return value
 
 
-def _shape(out: object) -> str:
-    if hasattr(out, "shape"):
-        return "x".join(str(s) for s in out.shape[1:])
-    if isinstance(out, (list, tuple)):
-        return ", ".join(_shape(o) for o in out)
-    return "-"
-
-
-def layer_table(model, imgsz: int) -> list[tuple[str, str, int, str]]:
-    """(name, type, params, output shape) for the detector's parts and their direct children."""
-    import torch
-
-    rows: dict[str, list] = {}
-    hooks = []
-    for part in ("backbone", "neck", "head"):
-        module = getattr(model, part)
-        children = list(module.named_children())
-        # timm and torchvision backbones wrap one model: list that model's children instead
-        if len(children) == 1 and list(children[0][1].children()):
-            prefix, inner = children[0]
-            children = [(f"{prefix}.{n}", m) for n, m in inner.named_children()]
-        named = []
-        for n, m in children:
-            named.append((f"{part}.{n}", m))
-            # containers iterated rather than called (timm stages, the head's per-level branches): list their parts
-            if isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList)):
-                named += [(f"{part}.{n}.{k}", c) for k, c in m.named_children()]
-        for name, child in [(part, module), *named]:
-            rows[name] = [name, type(child).__name__, sum(p.numel() for p in child.parameters()), "-"]
-
-            def hook(_m, _i, out, key=name):
-                rows[key][3] = _shape(out)
-
-            hooks.append(child.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 3, imgsz, imgsz))
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
-    return [tuple(r) for r in rows.values() if r[2] or r[3] != "-"]
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     from .backbones import BACKBONES
+    from .benchmark import model_table
     from .config import builtin_models_dir, list_builtin_models, read_yaml
 
     print(f"Built-in model YAMLs ({builtin_models_dir()}):")
@@ -106,35 +67,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_table(cfgs: list[str], imgsz: int, compare_ultralytics: bool = False) -> list[str]:
-    """Markdown rows: backbone params, detector params and GFLOPs (torch's FLOP counter) at ``imgsz``. A backbone
-    with a feature pyramid of its own (the ViTs) shows it apart: ``5.52 + 0.22 pyramid``."""
-    from .detector import build_model
-
-    rows = [f"| model | backbone params (M) | detector params (M) | GFLOPs @{imgsz} |", "|---|---:|---:|---:|"]
-    for cfg in cfgs:
-        model = build_model(cfg, pretrained=False)
-        info = model.info(imgsz)
-        pyramid = getattr(model.backbone, "pyramid", None)
-        extra = sum(p.numel() for p in pyramid.parameters()) if pyramid is not None else 0
-        backbone = f"{(info['backbone_params'] - extra) / 1e6:.2f}" + (f" + {extra / 1e6:.2f} pyramid" if extra else "")
-        rows.append(f"| {cfg.removesuffix('.yaml')} | {backbone} | {info['params'] / 1e6:.2f} | {info['gflops']:.2f} |")
-    if compare_ultralytics:
-        import torch
-
-        from . import _ultralytics
-        from .detector import count_flops
-
-        for name in ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml"):
-            theirs = _ultralytics.reference_info(name, imgsz)
-            ours = count_flops(_ultralytics.reference_model(name), torch.zeros(1, 3, imgsz, imgsz)) / 1e9
-            rows.append(f"| ultralytics {name.removesuffix('.yaml')} | - | {theirs['params'] / 1e6:.2f} | "
-                        f"{ours:.2f} (their info: {theirs['gflops']:.1f}) |")
-    return rows
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from .detector import build_model
+    from .detector import build_model, layer_table
 
     model = build_model(args.cfg, nc=args.nc, pretrained=False)
     print(f"{'layer':<32} {'type':<26} {'params':>12}  output (C x H x W) at {args.imgsz}")
@@ -245,7 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.resume and not args.cfg:
         raise ConfigError("train needs --cfg (a model YAML or built-in name) or --resume")
-    given = {k: v for k, v in vars(args).items() if k in TRAIN_FLAGS and v is not None}
+    flags = {f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+    given = {k: v for k, v in vars(args).items() if k in flags and v is not None}
     # with --resume the run's stored configuration holds; Trainer refuses flags other than epochs/device/workers
     config = None if args.resume else TrainConfig.from_kwargs(**given)
     def stop_on_sigterm(signum, frame):  # kill or a job scheduler: stop as Ctrl-C does, keeping what is saved
@@ -264,11 +199,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if save_dir is not None:
         print(f"Results saved to {save_dir}")
     return 0
-
-
-TRAIN_FLAGS = ("cfg", "pretrained", "data", "epochs", "batch", "imgsz", "device", "workers", "name", "project",
-               "multi_scale", "min_scale", "max_scale", "n_scales", "close_mosaic", "optimizer", "lr0", "seed",
-               "schedule", "val", "cache", "plot_batches")
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -395,6 +325,51 @@ def cmd_weights_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandParser(_Parser):
+    """A sub-command's parser; ``add_flags`` (called on its first parse) adds flags whose source is slow to
+    import, so ``train``'s flags, read from the trainer's dataclass, do not make every other command wait."""
+
+    def __init__(self, *args: Any, add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_flags = add_flags
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        if self.add_flags is not None:
+            add_flags, self.add_flags = self.add_flags, None
+            add_flags(self)
+        return super().parse_known_args(args, namespace)
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, klass: type) -> None:
+    """One flag per field of ``klass`` with a ``help`` in its metadata: type, choices and default read from the
+    field. Flags default to None, so only those given override the dataclass; a bool field that is True by
+    default becomes ``--no-<name>``."""
+    hints = typing.get_type_hints(klass)
+    for f in dataclasses.fields(klass):
+        if "help" not in f.metadata:
+            continue
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        flag = f.name.replace("_", "-")
+        shown = f.default not in (None, "") and f.metadata.get("show_default", True)
+        default = f" (default {f.default})" if shown else ""
+        if kind is bool:
+            off = f.default is True
+            p.add_argument(f"--no-{flag}" if off else f"--{flag}", dest=f.name, default=None,
+                           action="store_false" if off else "store_true",
+                           help=f"skip: {f.metadata['help']}" if off else f.metadata["help"])
+        else:
+            p.add_argument(f"--{flag}", type=kind, choices=f.metadata.get("choices"),
+                           help=f.metadata["help"] + default)
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    from .engine.trainer import TrainConfig
+
+    add_dataclass_flags(p, TrainConfig)
+    p.add_argument("--resume", help="runs/train/<name>/weights/last.pt: continue at the next epoch")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--weights", help="a yolo-mobile checkpoint (.pt)")
@@ -407,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="yolo-mobile", description="YOLO detection with mobile backbones")
     parser.add_argument("--version", action="version", version=f"yolo-mobile {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=CommandParser)
 
     p = sub.add_parser("models", help="list built-in model YAMLs and registered backbones")
     p.add_argument("--table", action="store_true", help="also print params and GFLOPs of every built-in model")
@@ -441,38 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="exp", help="run name (numbered when it exists)")
     p.set_defaults(func=cmd_val)
 
-    p = sub.add_parser("train", help="train a detector (DDP: torchrun --nproc_per_node N -m yolo_mobile train ...)")
-    p.add_argument("--cfg", help="model YAML or built-in name, e.g. mobilevit_s.yaml")
-    p.add_argument("--pretrained", help="backbone ImageNet weights (.safetensors, .pth, .pt); replaces the "
-                                        "YAML's backbone.pretrained (see weights/README.md)")
-    p.add_argument("--data", help="data YAML; default: the built-in synthetic 'shapes' set")
-    p.add_argument("--epochs", type=int, help="default: the data YAML's suggestion (the built-in set: 10), else 100")
-    p.add_argument("--batch", type=int, help="total batch over all processes (default 16); -1: the largest that "
-                                             "fits in memory, found by a probe step")
-    p.add_argument("--imgsz", type=int, help="base training and validation size (default: the data YAML's "
-                                             "suggestion, the built-in set's own 320; else 640)")
-    p.add_argument("--device", help="cpu, 0, or 0,1 (with torchrun)")
-    p.add_argument("--workers", type=int, help="data loader processes per rank (default: usable CPUs less one, "
-                                               "at most 8)")
-    p.add_argument("--project", help="runs go to PROJECT/NAME (default runs/train)")
-    p.add_argument("--name", help="run name, numbered when it exists (default exp)")
-    p.add_argument("--resume", help="runs/train/<name>/weights/last.pt: continue at the next epoch")
-    p.add_argument("--multi-scale", action="store_true", default=None,
-                   help="variable-batch multi-scale sampler (fewer images per batch at larger sizes)")
-    p.add_argument("--min-scale", type=float)
-    p.add_argument("--max-scale", type=float)
-    p.add_argument("--n-scales", type=int)
-    p.add_argument("--close-mosaic", type=int, help="last epochs without mosaic (default 10, at most a quarter "
-                                                    "of the epochs)")
-    p.add_argument("--optimizer", choices=["SGD", "AdamW"])
-    p.add_argument("--lr0", type=float, help="initial lr (default 0.01 SGD, 0.002 AdamW)")
-    p.add_argument("--schedule", choices=["linear", "cosine"], help="decay after warm-up (default linear)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--cache", choices=["ram", "disk"], help="keep training images decoded at the largest size "
-                                                            "training asks for: in memory, or as .npy files")
-    p.add_argument("--plot-batches", type=int, help="draw the first N training batches with their boxes to "
-                                                    "train_batch<i>.jpg in the run folder (default 3; 0: none)")
-    p.add_argument("--no-val", dest="val", action="store_false", default=None, help="skip per-epoch validation")
+    p = sub.add_parser("train", help="train a detector (DDP: torchrun --nproc_per_node N -m yolo_mobile train ...)",
+                       add_flags=add_train_flags)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("detect", help="detect objects in images, folders, globs, videos, webcams or streams")
@@ -574,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ConfigError, RegistryError, FileNotFoundError, ValueError, ImportError) as e:
         if args.verbose:
             raise
         print(f"yolo-mobile: error: {e}", file=sys.stderr)

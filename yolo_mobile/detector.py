@@ -88,6 +88,48 @@ def inference_copy(model: nn.Module, device: torch.device | str = "cpu", half: b
     return fused.to(device=device, dtype=torch.float16 if half else torch.float32, memory_format=torch.channels_last)
 
 
+def _shape(out: object) -> str:
+    if hasattr(out, "shape"):
+        return "x".join(str(s) for s in out.shape[1:])
+    if isinstance(out, (list, tuple)):
+        return ", ".join(_shape(o) for o in out)
+    return "-"
+
+
+def layer_table(model: Detector, imgsz: int) -> list[tuple[str, str, int, str]]:
+    """(name, type, params, output shape) for the detector's parts and their direct children."""
+    rows: dict[str, list] = {}
+    hooks = []
+    for part in ("backbone", "neck", "head"):
+        module = getattr(model, part)
+        children = list(module.named_children())
+        # timm and torchvision backbones wrap one model: list that model's children instead
+        if len(children) == 1 and list(children[0][1].children()):
+            prefix, inner = children[0]
+            children = [(f"{prefix}.{n}", m) for n, m in inner.named_children()]
+        named = []
+        for n, m in children:
+            named.append((f"{part}.{n}", m))
+            # containers iterated rather than called (timm stages, the head's per-level branches): list their parts
+            if isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList)):
+                named += [(f"{part}.{n}.{k}", c) for k, c in m.named_children()]
+        for name, child in [(part, module), *named]:
+            rows[name] = [name, type(child).__name__, sum(p.numel() for p in child.parameters()), "-"]
+
+            def hook(_m, _i, out, key=name):
+                rows[key][3] = _shape(out)
+
+            hooks.append(child.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, imgsz, imgsz))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return [tuple(r) for r in rows.values() if r[2] or r[3] != "-"]
+
+
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 

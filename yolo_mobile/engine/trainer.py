@@ -47,31 +47,40 @@ log = logging.getLogger(__name__)
 MEMORY_MARGIN = 0.8  # a training step may use this share of the memory available when it starts
 
 
+def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A field that is also a ``yolo-mobile train`` flag: the CLI reads its type, default and help from here."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run is made of; saved as ``args.yaml`` and in every checkpoint."""
 
-    cfg: str = "mobilenetv3_large.yaml"
-    pretrained: str | None = None  # backbone ImageNet weights; replaces the YAML's backbone.pretrained
-    data: str = "shapes"  # a data YAML, or the built-in synthetic set
-    epochs: int | None = None  # None: the data YAML's suggestion (the built-in set: 10), else 100
-    batch: int = 16  # total over all DDP processes; -1: the largest that fits in memory (probed)
-    imgsz: int | None = None  # None: the data YAML's suggestion (the built-in set: 320), else 640
-    device: str = ""
-    workers: int | None = None  # None: the usable CPUs less one per process, at most 8
-    project: str = "runs/train"
-    name: str = "exp"
-    seed: int = 0
+    cfg: str = flag("mobilenetv3_large.yaml", "model YAML or built-in name, e.g. mobilevit_s.yaml (the command "
+                    "line asks for it, or --resume)", show_default=False)
+    pretrained: str | None = flag(None, "backbone ImageNet weights (.safetensors, .pth, .pt); replaces the YAML's "
+                                        "backbone.pretrained (see weights/README.md)")
+    data: str = flag("shapes", "data YAML, or shapes: the built-in synthetic set")
+    epochs: int | None = flag(None, "default: the data YAML's suggestion (the built-in set: 10), else 100")
+    batch: int = flag(16, "total batch over all processes; -1: the largest that fits in memory, found by a probe "
+                          "step")
+    imgsz: int | None = flag(None, "base training and validation size (default: the data YAML's suggestion, the "
+                                   "built-in set's own 320; else 640)")
+    device: str = flag("", "cpu, 0, or 0,1 (with torchrun); default: GPU 0 if present")
+    workers: int | None = flag(None, "data loader processes per rank (default: usable CPUs less one, at most 8)")
+    project: str = flag("runs/train", "runs go to PROJECT/NAME")
+    name: str = flag("exp", "run name, numbered when it exists")
+    seed: int = flag(0, "seed of the model's initialisation, the sampler and the augmentations")
     # multi-scale variable batch
-    multi_scale: bool = False
-    min_scale: float = 0.5
-    max_scale: float = 1.5
-    n_scales: int = 5
+    multi_scale: bool = flag(False, "variable-batch multi-scale sampler (fewer images per batch at larger sizes)")
+    min_scale: float = flag(0.5, "smallest multi-scale size, as a multiple of imgsz")
+    max_scale: float = flag(1.5, "largest multi-scale size, as a multiple of imgsz")
+    n_scales: int = flag(5, "number of multi-scale sizes")
     # optimisation
-    optimizer: str = "SGD"  # SGD (momentum, nesterov) or AdamW
-    lr0: float | None = None  # None: 0.01 for SGD, 0.002 for AdamW
+    optimizer: str = flag("SGD", "SGD (momentum, nesterov) or AdamW", choices=("SGD", "AdamW"))
+    lr0: float | None = flag(None, "initial lr (default 0.01 SGD, 0.002 AdamW)")
     lrf: float = 0.01  # final lr = lr0 * lrf
-    schedule: str = "linear"  # linear or cosine decay after warm-up
+    schedule: str = flag("linear", "decay after warm-up", choices=("linear", "cosine"))
     momentum: float = 0.937
     weight_decay: float = 5e-4
     warmup_epochs: float = 3.0
@@ -87,12 +96,14 @@ class TrainConfig:
     cls: float = 0.5
     dfl: float = 1.5
     # augmentation
-    close_mosaic: int | None = None  # last epochs without mosaic; None: 10, at most a quarter of the epochs
+    close_mosaic: int | None = flag(None, "last epochs without mosaic (default 10, at most a quarter of the epochs)")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    cache: str | None = None  # training images: None (decode, keep a buffer), "ram" or "disk" (.npy files)
-    plot_batches: int = 3  # the run's first N training batches drawn to train_batch{i}.jpg; 0: none
+    cache: str | None = flag(None, "keep training images decoded at the largest size training asks for: in "
+                                   "memory, or as .npy files (default: decode, keep a buffer)", choices=("ram", "disk"))
+    plot_batches: int = flag(3, "draw the first N training batches with their boxes to train_batch<i>.jpg in the "
+                                "run folder; 0: none")
     # validation
-    val: bool = True
+    val: bool = flag(True, "per-epoch validation")
     val_batch: int | None = None  # default: 2 x batch
 
     @classmethod
