@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import default_names
 from .engine.memory import peak_bytes, random_targets
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
@@ -157,7 +158,7 @@ class UltralyticsDetector(nn.Module):
 
         super().__init__()
         self.model = _ultralytics.reference_model(yaml_name, nc=nc)
-        self.nc, self.names = nc, [str(i) for i in range(nc)]
+        self.nc, self.names = nc, default_names(nc)
         self.strides = [int(s) for s in self.model.stride]
         n_backbone = len(self.model.yaml["backbone"])  # their backbone includes SPPF; ours leaves it to the neck
         self.backbone_params = sum(p.numel() for p in self.model.model[:n_backbone].parameters())

@@ -85,6 +85,11 @@ def read_yaml(path: str | Path) -> YamlDoc:
 
 
 # ------------------------------------------------------------------------------------------------- built-in models
+def default_names(nc: int) -> list[str]:
+    """Class names of a model that has none from its data or checkpoint: the class indices."""
+    return [str(i) for i in range(nc)]
+
+
 def builtin_models_dir() -> Path:
     """``yolo_mobile/models`` inside a wheel; the repo's top-level ``models/`` in a source checkout."""
     for candidate in (PACKAGE_DIR / "models", PACKAGE_DIR.parent / "models"):

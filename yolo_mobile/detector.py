@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .backbones import build_backbone
 from .backbones.base import MAX_STRIDE
-from .config import ConfigError, ModelConfig, load_model_config
+from .config import ConfigError, ModelConfig, default_names, load_model_config
 from .head import DetectHead
 from .layers import fold_conv_bn
 from .neck import PAN
@@ -35,7 +35,7 @@ class Detector(nn.Module):
         self.backbone, self.neck, self.head = backbone, neck, head
         self.config = config
         self.nc = head.nc
-        self.names = [str(i) for i in range(self.nc)]  # class names; set from the data or the checkpoint
+        self.names = default_names(self.nc)  # set from the data or the checkpoint
         # what a trained checkpoint says it was trained with: the defaults of val, detect and export
         self.train_imgsz: int | None = None
         self.train_data: str | None = None
@@ -75,6 +75,11 @@ class Detector(nn.Module):
             "imgsz": (h, w),
             "fused": self.fused,
         }
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """``model.names``, or the class indices of a model without names (any module with ``nc``)."""
+    return list(getattr(model, "names", None) or default_names(model.nc))
 
 
 def inference_copy(model: nn.Module, device: torch.device | str = "cpu", half: bool = False) -> nn.Module:

@@ -22,8 +22,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .. import resources
 from ..config import ConfigError
 from .labels import decode_image
+from .letterbox import fit_shape
 
 log = logging.getLogger(__name__)
 CACHE_MODES = (None, "ram", "disk")
@@ -35,8 +37,7 @@ _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2
 
 def stored_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
     """(h, w) an original of (height, width) is kept at: shrunk to a long side of ``max_size``, never enlarged."""
-    r = min(1.0, max_size / max(height, width))
-    return max(1, round(height * r)), max(1, round(width * r))
+    return fit_shape((height, width), (max_size, max_size), enlarge=False)
 
 
 def decode(path: Path, shape: tuple[int, int], orig: tuple[int, int]) -> np.ndarray:
@@ -56,10 +57,7 @@ def decode(path: Path, shape: tuple[int, int], orig: tuple[int, int]) -> np.ndar
 
 
 def _threads() -> int:
-    try:
-        return max(1, min(8, len(os.sched_getaffinity(0))))
-    except AttributeError:
-        return max(1, min(8, os.cpu_count() or 1))
+    return min(8, resources.usable_cpus())
 
 
 class ImageStore:
@@ -135,16 +133,14 @@ class ImageStore:
     def _fill_ram(self) -> bool:
         import torch
 
-        from ..resources import GiB, available_bytes
-
         need = self.nbytes
-        free = available_bytes(torch.device("cpu"))
+        free = resources.available_bytes(torch.device("cpu"))
         if free is not None and need > free / 2:
             log.warning("--cache ram: %d images at up to %d px need %.2f GiB, more than half the %.2f GiB of "
                         "free memory; training without an image cache (--cache disk keeps them as .npy files)",
-                        len(self), self.max_size, need / GiB, free / GiB)
+                        len(self), self.max_size, need / resources.GiB, free / resources.GiB)
             return False
-        log.info("caching %d images in RAM at up to %d px: %.2f GiB", len(self), self.max_size, need / GiB)
+        log.info("caching %d images in RAM at up to %d px: %.2f GiB", len(self), self.max_size, need / resources.GiB)
         sizes = [h * w * 3 for h, w in self.shapes]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.ram = np.empty(int(self._offsets[-1]), np.uint8)

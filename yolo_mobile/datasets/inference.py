@@ -6,12 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .labels import read_image
-from .letterbox import LetterboxInfo, letterbox
+from .letterbox import LetterboxInfo, letterbox_chw
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +31,8 @@ class LetterboxImages(Dataset):
         except OSError as e:
             log.warning("skipped: %s", e)
             return None
-        boxed, info = letterbox(image, (self.imgsz, self.imgsz))
-        return torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))), image_id, info
+        chw, info = letterbox_chw(image, (self.imgsz, self.imgsz))
+        return torch.from_numpy(chw), image_id, info
 
 
 def collate_letterboxed(batch: list) -> tuple[torch.Tensor, list, list[LetterboxInfo], int]:

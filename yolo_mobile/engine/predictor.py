@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import IMAGE_SUFFIXES
+from ..config import IMAGE_SUFFIXES, default_names
 from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
 from ..resources import usable_cpus
@@ -291,11 +291,11 @@ class TorchBackend:
         self.device = torch.device(device)
         if half and self.device.type != "cuda":
             raise ValueError("--half needs a CUDA device")
-        from ..detector import MAX_STRIDE, inference_copy
+        from ..detector import MAX_STRIDE, class_names, inference_copy
 
         self.model = inference_copy(model, self.device, half)
         self.dtype = torch.float16 if half else torch.float32
-        self.names = list(getattr(model, "names", [str(i) for i in range(model.nc)]))
+        self.names = class_names(model)
         self.batch, self.imgsz, self.nms_inside = None, None, False  # any batch and size (multiples of stride)
         self.stride = max(MAX_STRIDE, *(int(s) for s in getattr(model, "strides", [])))
         self.train_imgsz = getattr(model, "train_imgsz", None)  # detect's default size for a checkpoint
@@ -335,7 +335,7 @@ class OnnxBackend:
         self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         if self.names is None:
             n = self.session.get_outputs()[0].shape[1]
-            self.names = [str(i) for i in range(n - 4)] if isinstance(n, int) else []
+            self.names = default_names(n - 4) if isinstance(n, int) else []
 
     def __call__(self, x: torch.Tensor) -> Any:
         outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.numpy(), dtype=self.dtype)})

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..detector import class_names
 from ..engine.postprocess import class_aware_nms
 
 PARITY_TOLERANCE = 1e-3  # max abs difference, float32
@@ -73,11 +74,11 @@ def _sample_image(imgsz: int) -> np.ndarray:
 
 def _inputs(paths: list[Path], batch: int, h: int, w: int) -> torch.Tensor:
     from ..datasets.labels import read_image
-    from ..datasets.letterbox import letterbox
+    from ..datasets.letterbox import letterbox_chw
 
     images = [read_image(p) for p in paths] or [_sample_image(max(h, w))]
-    boxed = [letterbox(images[k % len(images)], (h, w))[0] for k in range(batch)]
-    return torch.from_numpy(np.stack([b.transpose(2, 0, 1) for b in boxed])).float() / 255
+    boxed = [letterbox_chw(images[k % len(images)], (h, w))[0] for k in range(batch)]
+    return torch.from_numpy(np.stack(boxed)).float() / 255
 
 
 def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any = None) -> float:
@@ -177,7 +178,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
         except ImportError:
             raise ImportError("--simplify needs onnxslim: pip install onnxslim") from None
         graph = onnxslim.slim(graph)
-    names = list(getattr(model, "names", [str(i) for i in range(model.nc)]))
+    names = class_names(model)
     meta = {"names": json.dumps(names), "stride": "32", "imgsz": str(imgsz), "batch": str(batch),
             "dynamic": str(dynamic).lower(), "nms": str(nms).lower(), "max_det": str(max_det), "conf": str(conf),
             "iou": str(iou), "box_format": "xyxy" if nms else "cxcywh", "producer": f"yolo-mobile {__version__}",
