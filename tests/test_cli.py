@@ -71,3 +71,10 @@ def test_parsing_another_command_does_not_import_the_trainer():
             "print('yolo_mobile.engine.trainer' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
+
+
+def test_several_gpus_outside_torchrun_are_refused_with_the_command(capsys):
+    assert main(["export", "--cfg", "yolov5n.yaml", "--device", "0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "device '0,1' names 2 GPUs, but one process uses one" in err
+    assert "torchrun --nproc_per_node 2 -m yolo_mobile train" in err and err.count("\n") == 1

@@ -8,13 +8,19 @@ import torch
 
 
 def select_device(device: str | int | None = None) -> torch.device:
-    """'' or None picks the first GPU when there is one, else the CPU; a GPU asked for but absent is an error."""
+    """'' or None picks the first GPU when there is one, else the CPU; a GPU asked for but absent is an error, and
+    so are several GPUs (that takes torchrun: one process per GPU)."""
     spec = "" if device is None else str(device).strip().lower()
     if spec in ("", "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec in ("cpu", "mps"):
         return torch.device(spec)
-    index = spec.removeprefix("cuda:").split(",")[0]
+    indices = [i.strip() for i in spec.removeprefix("cuda:").split(",")]
+    if len(indices) > 1:  # one process runs on one device: taking the first in silence would hide the others
+        raise ValueError(f"device '{device}' names {len(indices)} GPUs, but one process uses one; train on all of "
+                         f"them with torchrun --nproc_per_node {len(indices)} -m yolo_mobile train ... "
+                         f"(CUDA_VISIBLE_DEVICES={','.join(indices)}), or pick one, e.g. --device {indices[0]}")
+    index = indices[0]
     if not index.isdigit():
         raise ValueError(f"unknown device '{device}'; use cpu, a GPU index such as 0, or cuda:N")
     if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
