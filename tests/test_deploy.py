@@ -108,13 +108,24 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
 
 
 def test_python_predict_api(tmp_path):
-    cv2.imwrite(str(tmp_path / "a.png"), np.full((50, 70, 3), 90, np.uint8))
+    """model.predict = letterbox, the fused model, NMS and the letterbox inverse, composed by hand here."""
+    from yolo_mobile.datasets.labels import read_image
+    from yolo_mobile.datasets.letterbox import letterbox_chw, unletterbox_boxes
+    from yolo_mobile.detector import inference_copy
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     model = lively(nc=3)
     model.names = ["x", "y", "z"]
     (r,) = list(model.predict(tmp_path / "a.png", imgsz=64, conf=0.3))
     assert r.names == ["x", "y", "z"] and len(r) > 0
     assert r.boxes.shape == (len(r), 4) and r.scores.shape == (len(r),) and r.classes.dtype == torch.int64
-    assert (r.boxes[:, [0, 2]] <= 70).all() and (r.boxes[:, [1, 3]] <= 50).all()
+    chw, info = letterbox_chw(read_image(tmp_path / "a.png"), (64, 64))  # 50x70 at 64: a 64x64 input
+    with torch.no_grad():
+        out = inference_copy(model)(torch.from_numpy(chw)[None].float() / 255)
+    (expected,) = non_max_suppression(out, conf=0.3, iou=0.7)
+    assert torch.equal(r.classes, expected["classes"])
+    torch.testing.assert_close(r.scores, expected["scores"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(r.boxes, unletterbox_boxes(expected["boxes"], info), rtol=0, atol=1e-2)
 
 
 @pytest.mark.parametrize("backbone", list_backbones())
