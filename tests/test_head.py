@@ -112,3 +112,22 @@ def test_adapter_names_a_keyword_the_installed_ultralytics_does_not_take(monkeyp
             _ultralytics.load()
     finally:
         _ultralytics.load.cache_clear()
+
+
+def test_training_loss_is_the_same_with_ultralytics_decode(monkeypatch):
+    """The loss reads our anchors and box decode; swapping in ultralytics' make_anchors/dist2bbox changes nothing."""
+    tal = pytest.importorskip("ultralytics.utils.tal")
+    from yolo_mobile import loss as loss_module
+    from yolo_mobile.engine.memory import random_targets
+
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.randn(2, 4 * 16 + 3, n, n, generator=g) for n in (8, 4, 2)]
+    targets = random_targets(2, 64, 64, nc=3, per_image=4, seed=1)
+    criterion = loss_module.DetectionLoss(nc=3, strides=[8, 16, 32])
+    ours = criterion(maps, targets)
+    monkeypatch.setattr(loss_module, "anchor_points", lambda m, s: tal.make_anchors(m, s, 0.5))
+    monkeypatch.setattr(loss_module, "distances_to_boxes", tal.dist2bbox)
+    theirs = criterion(maps, targets)
+    assert ours[1].abs().min() > 0  # every term (box, cls, dfl) has assigned anchors to work on
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-6)
