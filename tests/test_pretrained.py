@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 
 from yolo_mobile import build_model, list_backbones, load_model
-from yolo_mobile.backbones import BACKBONES
+from yolo_mobile.backbones import BACKBONES, build_backbone, mobile_former
 from yolo_mobile.backbones.emo import _run_stages, emo_classifier
+from yolo_mobile.backbones.mobile_former import mobile_former_classifier
 from yolo_mobile.backbones.pretrained import guess_family, read_weights
 from yolo_mobile.cli import main
 from yolo_mobile.config import ConfigError
@@ -42,6 +43,18 @@ def _reference(family: str):
     elif family == "mobilenetv3":
         ref = mobilenet_v3_large(weights=None)
         features = lambda x: _mobilenetv3_features(ref, x)  # noqa: E731
+    elif family == "mobile_former":
+        ref = mobile_former_classifier("96m")
+        taps = build_backbone("mobile_former", variant="96m").taps
+
+        def features(x):  # the classifier's blocks up to the backbone's last tap
+            x, tokens = mobile_former._start(ref, x)
+            outs = []
+            for i, block in enumerate(ref.features[: taps[-1] + 1]):
+                x, tokens = block(x, tokens)
+                if i in taps:
+                    outs.append(x)
+            return outs
     else:
         ref = emo_classifier("1m")
         features = lambda x: _run_stages(ref, x)[2:]  # noqa: E731
@@ -54,6 +67,7 @@ BACKBONE = {
     "fastvit": "{name: fastvit, variant: t8",
     "mobilenetv3": "{name: mobilenetv3, variant: large, reduced_tail: false",
     "emo": "{name: emo, variant: 1m",
+    "mobile_former": "{name: mobile_former, variant: 96m",
 }
 # (file name, wrapper key or None, prefix): every accepted format and wrapping
 FORMATS = [("w.safetensors", None, ""), ("w.pth", None, ""), ("w.pth", "state_dict", ""),
