@@ -50,7 +50,7 @@ def test_detection_backbone_loads_the_classifier_file_and_gives_its_features():
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_shapes_and_strides_at_odd_size(variant):
     backbone = build_backbone("emo", variant=variant)
-    assert backbone.channels == list(CONFIGS[variant].dims[1:]) and list(backbone.strides) == [8, 16, 32]
+    assert backbone.channels == list(CONFIGS[variant].dims[1:]) and backbone.strides == [8, 16, 32]
     feats = forward_check(backbone, torch.rand(1, 3, 330, 250))  # sizes that are not multiples of 7 or 32
     assert [tuple(f.shape[-2:]) for f in feats] == [(42, 32), (21, 16), (11, 8)]
 

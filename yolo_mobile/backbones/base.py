@@ -29,9 +29,13 @@ class Backbone(nn.Module):
     """
 
     channels: list[int]
-    strides: tuple[int, ...] | list[int] = DETECTION_STRIDES
+    strides: list[int]
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strides = list(DETECTION_STRIDES)  # each instance its own list: no state shared through the class
 
     def reparameterize(self) -> None:
         """Fuse for deployment (Conv+BN folding here; families with train-time branches do more)."""
