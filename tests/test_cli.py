@@ -12,7 +12,7 @@ def test_models_lists_yamls_and_backbones(capsys):
 
 
 def test_model_table_shows_a_backbones_own_pyramid_apart():
-    from yolo_mobile.cli import model_table
+    from yolo_mobile.benchmark import model_table
 
     header, _, deit, mobilenet = model_table(["deit_tiny.yaml", "mobilenetv3_small.yaml"], imgsz=64)
     assert header.startswith("| model | backbone params (M) | detector params (M) | GFLOPs @64 |")
