@@ -69,7 +69,8 @@ BACKBONE = {
     "emo": "{name: emo, variant: 1m",
     "mobile_former": "{name: mobile_former, variant: 96m",
 }
-CHECKED_IN_OWN_FILE = {"vit"}  # tests/test_vit.py loads timm's DeiT/ConViT files against timm's own features
+# tests/test_vit.py checks vit's parameter names and maps against timm's DeiT/ConViT (no timm file through the YAML)
+CHECKED_IN_OWN_FILE = {"vit"}
 # (file name, wrapper key or None, prefix): every accepted format and wrapping
 FORMATS = [("w.safetensors", None, ""), ("w.pth", None, ""), ("w.pth", "state_dict", ""),
            ("w.pt", "model", "module."), ("w.pth", "net", "")]
