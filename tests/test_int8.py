@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_deploy import FAMILY_CFGS, lively
+from conftest import BACKBONE_ARGS
+from test_deploy import lively
 
 from yolo_mobile.benchmark import BenchmarkConfig, format_markdown, run_benchmark, shapes_images
 from yolo_mobile.cli import main
@@ -22,6 +23,11 @@ SIZE = 64  # every family's strides divide it; quantization does not depend on t
 def run(path, x):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# the families int8 export was checked on (test_deploy's export parity now loops over the whole registry)
+FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml", "emo_1m.yaml",
+               {"backbone": {"name": "timm", **BACKBONE_ARGS["timm"]}}]
 
 
 @pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml"],
