@@ -59,7 +59,7 @@ def test_train_flags_come_from_the_trainer_dataclass():
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     assert given == {"batch": 8, "min_scale": 0.25, "val": False, "optimizer": "AdamW"}  # the rest: dataclass's
     train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
-    flags = {a.dest: a for a in train._actions if a.dest not in ("help", "resume")}
+    flags = {a.dest: a for a in train._actions if a.dest not in ("help", "resume", "verbose")}
     assert set(flags) == set(fields)
     assert "(default 16)" in flags["batch"].help and flags["batch"].type is int
     assert flags["optimizer"].choices == fields["optimizer"].metadata["choices"]

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import default_names
 from .engine.memory import peak_bytes, random_targets
+from .export.onnx import onnx_latency
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
@@ -39,45 +40,6 @@ def time_fn(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> dict[s
         fn()
         times.append((time.perf_counter() - t) * 1000)
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
-
-
-def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):
-    """An ONNX Runtime session on the CUDA provider when asked and installed, else the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None, cuda: bool = False, half: bool = False,
-                 rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved: the
-    ``runs`` are split into ``rounds`` blocks that alternate between the files, so a load that comes and goes on
-    a shared machine falls on all of them alike."""
-    sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
-    x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
-             for k, s in sessions.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for k, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, feeds[k])
-    rounds = max(1, min(rounds, runs))
-    for r in range(rounds):
-        n = runs // rounds + (r < runs % rounds)
-        for k, s in sessions.items():
-            for _ in range(n):
-                t = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append((time.perf_counter() - t) * 1000)
-    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v),
-                "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
 
 
 @dataclass

@@ -246,8 +246,7 @@ def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, c
     """Export ``model`` to float ONNX (parity-checked), quantize it calibrated on ``calib_images`` letterboxed
     train images of ``data``, then measure float and INT8 mAP50-95 (val split, or held-apart train images) and
     ONNX Runtime latency, interleaved. The INT8 file is written only when every step passed."""
-    from ..benchmark import onnx_latency
-    from .onnx import export_onnx
+    from .onnx import export_onnx, onnx_latency
 
     if calib_images < 1:
         raise ValueError(f"--calib-images must be at least 1, got {calib_images}")

@@ -214,3 +214,42 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
         raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
             "checked": checked}
+
+
+def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):
+    """An ONNX Runtime session on the CUDA provider when asked and installed, else the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
+                 threads: int | None = None, cuda: bool = False, half: bool = False,
+                 rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved: the
+    ``runs`` are split into ``rounds`` blocks that alternate between the files, so a load that comes and goes on
+    a shared machine falls on all of them alike."""
+    sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
+    x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
+             for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    rounds = max(1, min(rounds, runs))
+    for r in range(rounds):
+        n = runs // rounds + (r < runs % rounds)
+        for k, s in sessions.items():
+            for _ in range(n):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append((time.perf_counter() - t) * 1000)
+    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v),
+                "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
