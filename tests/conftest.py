@@ -63,3 +63,15 @@ def make_yolo_dataset(root: Path, labels: dict[str, str | None], names=("a", "b"
     yaml_path = root / "data.yaml"
     yaml_path.write_text(f"path: .\ntrain: images/val\nval: images/val\nnames: {list(names)}\n")
     return yaml_path
+
+
+def video_props(path) -> tuple[int, float, int, int]:
+    """Frames (counted by reading them), fps, width and height of a video file."""
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    props = (n, round(cap.get(cv2.CAP_PROP_FPS), 2), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+             int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    cap.release()
+    return props

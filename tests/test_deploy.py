@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import COCO128, model_for_backbone, needs_coco128, randomize_bn
+from conftest import COCO128, model_for_backbone, needs_coco128, randomize_bn, video_props
 from torchvision.ops import box_iou
 
 from yolo_mobile import build_model, list_backbones
@@ -38,16 +38,6 @@ def write_video(path, frames=13, size=(160, 120), fps=15.0):
         writer.write(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     writer.release()
     return path
-
-
-def video_props(path):
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    props = (n, round(cap.get(cv2.CAP_PROP_FPS), 2), int(cap.get(3)), int(cap.get(4)))
-    cap.release()
-    return props
 
 
 def test_video_keeps_frame_count_size_and_fps(tmp_path, capsys):

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import video_props
 
 from yolo_mobile import build_model
 from yolo_mobile.datasets.letterbox import letterbox, rect_shape, unletterbox_boxes
@@ -32,16 +33,6 @@ def write_video(path, frames=7, size=(320, 180), fps=10.0):
         writer.write(frame)
     writer.release()
     return path
-
-
-def video_props(path):
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    props = (n, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    cap.release()
-    return props
 
 
 class Recording:
@@ -210,7 +201,8 @@ def test_detect_writes_the_full_video_at_rect_size(tmp_path, overlap):
     assert torch.get_num_threads() == threads  # restored
     assert backend.shapes == [(1, 3, 96, 160)] * 7 and stats["shape"] == (96, 160)
     assert stats["frames"] == 7 and stats["boxes"] == 7 and not stats["interrupted"]
-    assert video_props(tmp_path / "out" / "clip.mp4") == (7, 320, 180)
+    frames, _fps, width, height = video_props(tmp_path / "out" / "clip.mp4")
+    assert (frames, width, height) == (7, 320, 180)
     # the box drawn: letterboxed (20, 20, 140, 80) -> original (40, 34, 280, 154); its edge is class 1's colour
     cap = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
     ok, frame = cap.read()
@@ -269,7 +261,8 @@ def test_detect_chooses_parallelism_and_restores_threads(tmp_path):
     stats = detect(backend, video, tmp_path / "out", imgsz=160, progress=False)
     assert (stats["workers"], stats["threads"]) == expected and stats["frames"] == 5
     assert torch.get_num_threads() == before
-    assert video_props(tmp_path / "out" / "v.mp4") == (5, 320, 180)
+    frames, _fps, width, height = video_props(tmp_path / "out" / "v.mp4")
+    assert (frames, width, height) == (5, 320, 180)
 
 
 def test_an_error_in_a_worker_stops_cleanly(tmp_path):
