@@ -71,3 +71,8 @@ def test_chunked_min_max_gives_the_same_scales(small_graph, tmp_path):
     assert whole.keys() == chunked.keys() and len(whole) >= 4
     for name, scale in whole.items():
         np.testing.assert_array_equal(scale, chunked[name], err_msg=name)
+
+
+def test_histogram_calibration_prints_nothing(small_graph, tmp_path, capsys):
+    quantize_onnx(small_graph, tmp_path / "q.onnx", _images(2), 32, method="entropy", keep_float=(), chunk=1)
+    assert capsys.readouterr().out == ""

@@ -9,6 +9,8 @@ their quantized form at the same accuracy (README, "INT8").
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
@@ -184,14 +186,15 @@ def quantize_onnx(float_path: str | Path, output: str | Path, images: Sequence[n
         staged = Path(tmp) / output.name
         logging.disable(logging.WARNING)  # the quantizer logs advice to the root logger on every call
         try:
-            quantize_static(str(float_path), str(staged), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, reduce_range=reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=calibrate, nodes_to_exclude=excluded,
-                            calibration_providers=["CPUExecutionProvider"],
-                            # despite its name the option chunks every method: ranges (min-max) and
-                            # histograms (entropy, percentile) are merged chunk by chunk
-                            extra_options={"CalibStridedMinMax": calibration_chunk(len(images), chunk)})
+            with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibraters print per chunk
+                quantize_static(str(float_path), str(staged), reader, quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, reduce_range=reduce_range,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=calibrate, nodes_to_exclude=excluded,
+                                calibration_providers=["CPUExecutionProvider"],
+                                # despite its name the option chunks every method: ranges (min-max) and
+                                # histograms (entropy, percentile) are merged chunk by chunk
+                                extra_options={"CalibStridedMinMax": calibration_chunk(len(images), chunk)})
         except Exception as e:  # the quantizer raises bare Exceptions and assertion errors on ops it cannot handle
             op = _named_op(e, graph.graph)
             raise QuantizationError(f"{float_path}: ONNX Runtime cannot quantize this graph"
