@@ -76,3 +76,15 @@ def test_chunked_min_max_gives_the_same_scales(small_graph, tmp_path):
 def test_histogram_calibration_prints_nothing(small_graph, tmp_path, capsys):
     quantize_onnx(small_graph, tmp_path / "q.onnx", _images(2), 32, method="entropy", keep_float=(), chunk=1)
     assert capsys.readouterr().out == ""
+
+
+def test_cli_calibration_choices_are_the_exporters():
+    from yolo_mobile.cli import build_parser
+
+    args = build_parser().parse_args(["export", "--weights", "m.pt", "--int8"])
+    assert args.calib_method == int8.CALIB_METHOD
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "--weights", "m.pt", "--calib-method", "kl"])
+    for method in int8.CALIB_METHODS:
+        assert build_parser().parse_args(["export", "--weights", "m.pt", "--calib-method", method]).calib_method \
+            == method

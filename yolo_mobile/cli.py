@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data YAML for --int8: train images calibrate, val images evaluate "
                                   "(default: the checkpoint's training data)")
     p.add_argument("--calib-images", type=int, default=256, help="train images for --int8 calibration")
-    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    # export.int8.CALIB_METHODS / CALIB_METHOD, spelled out so that --help does not import onnx and torch
+    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="entropy")
     p.add_argument("--keep-float", nargs="*", choices=["decode", "softmax"], default=["decode", "softmax"],
                    help="--int8: parts left in float (decode: the box decode; softmax: every Softmax, "
                         "attention included); none: quantize them too")
