@@ -57,12 +57,14 @@ def train_theirs(yaml_name: str, data: Path, nc: int, args, workdir: Path) -> tu
                                           "val": "images/val", "names": dict(enumerate(cfg.names))}))
     t0 = time.time()
     yolo = YOLO(yaml_name)
+    threads = torch.get_num_threads()  # ultralytics sets torch to cores - 1 threads for CPU training
     with contextlib.redirect_stdout(io.StringIO()):
         yolo.train(data=str(their_data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, optimizer="SGD",
                    lr0=0.01, close_mosaic=args.close_mosaic, val=False, plots=False, seed=args.train_seed, device="cpu",
                    workers=args.workers, project=str(workdir), name=f"theirs_{Path(yaml_name).stem}",
                    exist_ok=True, pretrained=False, amp=False, verbose=False)
     seconds = time.time() - t0
+    torch.set_num_threads(threads)  # and leaves it so: the next run of ours would get 1 thread on 2 cores
     # their last.pt holds the EMA, like ours; wrapped so the evaluator sees (B, 4 + nc, N)
     wrapped = UltralyticsDetector(yaml_name, nc=nc)
     wrapped.model = YOLO(str(Path(yolo.trainer.save_dir) / "weights" / "last.pt")).model.float()
