@@ -96,7 +96,7 @@ def test_cli_int8_export_then_val_and_detect(tmp_path, capsys):
     assert main(["export", "--cfg", "yolov5n.yaml", "--imgsz", str(SIZE), "--int8", "--data", str(data),
                  "--calib-images", "4", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "QDQ int8, minmax calibration on 4 letterboxed train images" in text
+    assert "QDQ int8, entropy calibration on 4 letterboxed train images" in text
     assert "mAP50-95 on the val split: float" in text and "INT8" in text and "latency" in text
     assert main(["val", "--weights", str(out), "--data", str(data), "--project", str(tmp_path / "val")]) == 0
     assert '"map":' in capsys.readouterr().out
