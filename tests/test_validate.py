@@ -110,7 +110,9 @@ def test_ddp_gathers_predictions_from_every_rank(tmp_path):
     labels = {f"im{i}": "0 0.4 0.4 0.5 0.4\n" for i in range(6)}
     data = make_yolo_dataset(tmp_path, labels, sizes={k: (50, 64) for k in labels})
     out = tmp_path / "ddp.json"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "rdzv", data, out), nprocs=2, join=True)
+    # forked, not spawned: the workers run no torch kernels, and spawn would import torch afresh in each
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, tmp_path / "rdzv", data, out), nprocs=2, join=True,
+                                          start_method="fork")
     gathered = json.loads(out.read_text())
     assert gathered["n"] == 6  # rank 0 saw both ranks' predictions
 
