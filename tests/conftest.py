@@ -31,6 +31,17 @@ def model_for_backbone(name: str) -> str | dict:
     return min(sizes, key=sizes.get)
 
 
+@pytest.fixture(scope="session")
+def benchmark_rows():
+    """One benchmark run for test_benchmark and test_int8 (whose INT8 columns it holds): yolov5n at two sizes,
+    every backend, training speed; the (config, rows) pair."""
+    from yolo_mobile.benchmark import BenchmarkConfig, run_benchmark
+
+    config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64, 96], batch=2, runs=2, warmup=1,
+                             train_speed=True, train_batch=2)
+    return config, run_benchmark(config, progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

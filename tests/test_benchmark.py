@@ -23,15 +23,8 @@ from yolo_mobile.config import ConfigError
 from yolo_mobile.loss import DetectionLoss
 
 
-@pytest.fixture(scope="module")
-def rows():
-    config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64, 96], batch=2, runs=2, warmup=1,
-                             train_speed=True, train_batch=2)
-    return config, run_benchmark(config, progress=False)
-
-
-def test_rows_hold_every_measurement(rows):
-    _, result = rows
+def test_rows_hold_every_measurement(benchmark_rows):
+    _, result = benchmark_rows
     assert [(r["model"], r["imgsz"]) for r in result] == [("yolov5n", 64), ("yolov5n", 96)]
     info = build_model("yolov5n.yaml").info(96)
     r = result[1]
@@ -47,8 +40,8 @@ def test_rows_hold_every_measurement(rows):
     assert "compiled_ms" not in r  # not asked for
 
 
-def test_markdown_has_measured_columns_only(rows):
-    _, result = rows
+def test_markdown_has_measured_columns_only(benchmark_rows):
+    _, result = benchmark_rows
     table = format_markdown(result)
     header = table.splitlines()[0]
     assert "ORT ms" in header and "train img/s" in header and "compiled" not in header
@@ -58,8 +51,8 @@ def test_markdown_has_measured_columns_only(rows):
     assert "ORT" not in format_markdown(torch_only)
 
 
-def test_save_results_writes_markdown_csv_and_plot(rows, tmp_path):
-    config, result = rows
+def test_save_results_writes_markdown_csv_and_plot(benchmark_rows, tmp_path):
+    config, result = benchmark_rows
     files = save_results(result, tmp_path / "out" / "results.md", config)
     assert set(files) == {"markdown", "csv", "plot"}
     assert files["markdown"].read_text().startswith("| model | size |")
@@ -71,8 +64,8 @@ def test_save_results_writes_markdown_csv_and_plot(rows, tmp_path):
     assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_map_file_plot_and_errors(rows, tmp_path):
-    config, result = rows
+def test_map_file_plot_and_errors(benchmark_rows, tmp_path):
+    config, result = benchmark_rows
     good = tmp_path / "map.csv"
     good.write_text("model,mAP50-95\nyolov5n.yaml,0.28\nmobilevit_s,0.31\n")
     assert read_map_file(good) == {"yolov5n": 0.28, "mobilevit_s": 0.31}

@@ -2,6 +2,7 @@
 run the INT8 file."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ import pytest
 from conftest import BACKBONE_ARGS
 from test_deploy import lively
 
-from yolo_mobile.benchmark import BenchmarkConfig, format_markdown, run_benchmark, shapes_images
+from yolo_mobile.benchmark import format_markdown, shapes_images
 from yolo_mobile.cli import main
 from yolo_mobile.config import load_data_config
 from yolo_mobile.datasets.synthetic import draw_sample, resolve_data
@@ -25,6 +26,21 @@ def run(path, x):
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+@pytest.fixture(scope="module")
+def float_onnx(tmp_path_factory):
+    """The float file of a model config at SIZE (lively, 4 classes), exported once for this module's tests."""
+    exported = {}
+
+    def path_for(cfg) -> Path:
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in exported:
+            exported[key] = tmp_path_factory.mktemp("float") / "m.onnx"
+            export_onnx(lively(cfg, nc=4), exported[key], imgsz=SIZE)
+        return exported[key]
+
+    return path_for
+
+
 # the families int8 export was checked on (test_deploy's export parity now loops over the whole registry)
 FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml", "emo_1m.yaml",
                {"backbone": {"name": "timm", **BACKBONE_ARGS["timm"]}}]
@@ -32,9 +48,8 @@ FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "
 
 @pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml"],
                          ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm", "mobile_former"])
-def test_every_family_quantizes_with_a_float_decode(tmp_path, cfg):
-    float_path, int8_path = tmp_path / "m.onnx", tmp_path / "m_int8.onnx"
-    export_onnx(lively(cfg, nc=4), float_path, imgsz=SIZE)
+def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
+    float_path, int8_path = float_onnx(cfg), tmp_path / "m_int8.onnx"
     report = quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
     graph = onnx.load(str(int8_path)).graph
     assert report["quantize_linear"] > 10
@@ -67,16 +82,15 @@ def test_decode_found_in_ultralytics_head(tmp_path):
                    for n in graph.node)
 
 
-def test_quantizer_failure_names_the_op_and_leaves_no_file(tmp_path, monkeypatch):
+def test_quantizer_failure_names_the_op_and_leaves_no_file(tmp_path, float_onnx, monkeypatch):
     import onnxruntime.quantization as quantization
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Could not find an implementation for ConvInteger(10) node with name '/conv'")
 
     monkeypatch.setattr(quantization, "quantize_static", refuse)
-    export_onnx(lively("yolov5n.yaml", nc=4), tmp_path / "m.onnx", imgsz=SIZE)
     with pytest.raises(QuantizationError, match=r"cannot quantize this graph \(operator ConvInteger\)"):
-        quantize_onnx(tmp_path / "m.onnx", tmp_path / "m_int8.onnx", shapes_images(SIZE, 1), SIZE)
+        quantize_onnx(float_onnx("yolov5n.yaml"), tmp_path / "m_int8.onnx", shapes_images(SIZE, 1), SIZE)
     assert not (tmp_path / "m_int8.onnx").exists()
 
 
@@ -112,11 +126,10 @@ def test_cli_int8_needs_data_and_a_plain_graph(tmp_path, capsys):
     assert "drop --half, --nms" in capsys.readouterr().err
 
 
-def test_benchmark_int8_columns():
-    rows = run_benchmark(BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[SIZE], backends=["onnxruntime",
-                                                                                        "onnxruntime-int8"],
-                                         runs=2, warmup=0), progress=False)
-    row = rows[0]
-    assert row["ort_int8_ms"] > 0 and row["int8_ratio"] == pytest.approx(row["ort_int8_ms"] / row["ort_ms"])
-    assert row["int8_mb"] < row["onnx_mb"] / 2  # int8 weights
+def test_benchmark_int8_columns(benchmark_rows):
+    config, rows = benchmark_rows  # conftest's run: every backend by default, onnxruntime-int8 included
+    assert "onnxruntime-int8" in config.backends
+    for row in rows:
+        assert row["ort_int8_ms"] > 0 and row["int8_ratio"] == pytest.approx(row["ort_int8_ms"] / row["ort_ms"])
+        assert row["int8_mb"] < row["onnx_mb"] / 2  # int8 weights
     assert "ORT INT8 ms" in format_markdown(rows) and "INT8 / float" in format_markdown(rows)
