@@ -65,8 +65,8 @@ def test_calibration_reads_a_chunk_at_a_time(small_graph, tmp_path, monkeypatch,
 
 def test_chunked_min_max_gives_the_same_scales(small_graph, tmp_path):
     images = _images(6)
-    quantize_onnx(small_graph, tmp_path / "whole.onnx", images, 32, keep_float=(), chunk=6)
-    quantize_onnx(small_graph, tmp_path / "chunked.onnx", images, 32, keep_float=(), chunk=2)
+    quantize_onnx(small_graph, tmp_path / "whole.onnx", images, 32, method="minmax", keep_float=(), chunk=6)
+    quantize_onnx(small_graph, tmp_path / "chunked.onnx", images, 32, method="minmax", keep_float=(), chunk=2)
     whole, chunked = _scales(tmp_path / "whole.onnx"), _scales(tmp_path / "chunked.onnx")
     assert whole.keys() == chunked.keys() and len(whole) >= 4
     for name, scale in whole.items():
