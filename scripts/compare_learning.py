@@ -80,6 +80,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", default=["yolov5n.yaml:yolov5nu.yaml", "mobilenetv3_large.yaml:yolov8n.yaml"],
                    help="ours:theirs, compared row by row")
+    p.add_argument("--trainers", nargs="+", choices=("ours", "ultralytics"), default=["ours", "ultralytics"],
+                   help="which side of each pair to train (one side: to rerun it after a change to it)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
@@ -102,6 +104,8 @@ def main() -> None:
     for pair in args.pairs:
         ours_cfg, theirs_yaml = pair.split(":")
         for who, name in (("ours", ours_cfg), ("ultralytics", theirs_yaml)):
+            if who not in args.trainers:
+                continue
             model, seconds = train_ours(name, data, args, workdir) if who == "ours" else \
                 train_theirs(name, data, nc, args, workdir)
             m = score(model, data, args.imgsz)

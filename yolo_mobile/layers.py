@@ -29,6 +29,10 @@ def make_act(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+# YOLOv5's BatchNorm settings: they train better than PyTorch's defaults at small batch sizes
+BN_EPS, BN_MOMENTUM = 1e-3, 0.03
+
+
 def make_divisible(x: float, divisor: int = 8) -> int:
     return max(divisor, int(math.ceil(x / divisor) * divisor))
 
@@ -40,8 +44,7 @@ class ConvBNAct(nn.Module):
                  act: str = "silu") -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, s, k // 2 if p is None else p, groups=g, bias=False)
-        # YOLOv5's BN settings: they train better than PyTorch's defaults at small batch sizes
-        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03)
+        self.bn = nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

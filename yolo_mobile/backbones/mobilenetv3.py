@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 
+from ..layers import BN_MOMENTUM
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, pick_variant, register_backbone
 
 # Taps are the last block at each stride. Large: features[6] ends stride 8 (40 ch), features[12] ends stride 16
@@ -38,6 +39,12 @@ class MobileNetV3(Backbone):
                          dilated=dilated).features
         # keep only the blocks the taps reach, so the ImageNet key names (features.N...) are unchanged
         self.features = features[: taps[-1] + 1]
+        # torchvision's momentum 0.01 (for 600 ImageNet epochs) leaves the running statistics ~100 steps behind
+        # the weights: a 10-epoch run from scratch scored 0.437 mAP50-95 with them, 0.505 once they were
+        # re-estimated. The detector's momentum (0.03) keeps them current; eps is already 1e-3.
+        for m in self.features.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = BN_MOMENTUM
         self.taps = list(taps)
         # torchvision rounds every width to a multiple of 8, so the channels are read from the blocks
         self.channels = [self.features[i].out_channels for i in taps]

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers import BN_EPS, BN_MOMENTUM
 from .base import Backbone, register_backbone
 
 PATCH_STRIDE = 16
@@ -96,8 +97,9 @@ class SimpleFeaturePyramid(nn.Module):
         super().__init__()
         # YOLOv5's BN settings, as everywhere else in the detector
         self.up = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2, bias=False),
-                                nn.BatchNorm2d(dim // 2, eps=1e-3, momentum=0.03))
-        self.down = nn.Sequential(nn.Conv2d(dim, dim, 2, 2, bias=False), nn.BatchNorm2d(dim, eps=1e-3, momentum=0.03))
+                                nn.BatchNorm2d(dim // 2, eps=BN_EPS, momentum=BN_MOMENTUM))
+        self.down = nn.Sequential(nn.Conv2d(dim, dim, 2, 2, bias=False),
+                                  nn.BatchNorm2d(dim, eps=BN_EPS, momentum=BN_MOMENTUM))
         self.channels = [dim // 2, dim, dim]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
