@@ -1,10 +1,35 @@
 import functools
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+
+# pytest-xdist runs the suite in parallel workers (pyproject's addopts: -n auto --dist loadgroup): each worker
+# gets an equal share of the cores, so two workers on two cores do not each start two torch threads
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# modules whose tests share one session fixture run on one worker, so it is built once
+SHARED_GROUPS = {"test_benchmark": "benchmark_rows", "test_int8": "benchmark_rows"}
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """One worker per core, at most 4: every worker imports torch and builds its own models (~1-3 GB each)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks to group the tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each module's tests stay on one worker (their module-scoped fixtures, exports and trained models, are
+    built once), as with --dist loadfile; modules in SHARED_GROUPS share a worker."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "coco128"
 needs_coco128 = pytest.mark.skipif(not (COCO128 / "coco128.yaml").is_file(), reason="../shared/datasets/coco128 absent")
