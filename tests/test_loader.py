@@ -3,6 +3,8 @@ multi-scale from the original pixels, image caches, the mosaic buffer, seeds, an
 
 import logging
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -281,3 +283,24 @@ def test_exact_hsv_and_rare_ops_run(coloured):
     assert image.shape == (3, 64, 96) and len(boxes)
     img = image.permute(1, 2, 0).numpy().astype(int)
     assert np.abs(img - img[..., :1]).max() <= 2  # ToGray fired (blur=1.0): every channel equal
+
+
+def test_albumentations_never_asks_pypi():
+    # albumentations checks PyPI for a newer version when it is imported, unless NO_ALBUMENTATIONS_UPDATE is set
+    code = """
+import random, socket
+import numpy as np
+calls = []
+def refuse(*args, **kwargs):
+    calls.append(args[:1])
+    raise OSError("network refused by the test")
+socket.getaddrinfo = refuse
+socket.socket.connect = refuse
+from yolo_mobile.datasets.augment import RareOps
+RareOps(p=1.0)(np.full((32, 32, 3), 90, np.uint8), random.Random(0))
+print("network calls:", len(calls))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "network calls: 0" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -14,6 +14,7 @@ drawn one by under a pixel over its extent; the boxes use the realised mapping, 
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -176,6 +177,8 @@ class RareOps:
         if not fired:
             return image
         if self._ops is None:
+            # albumentations asks PyPI for a newer version at import unless told not to: nothing goes online
+            os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
             import albumentations as A
 
             self._ops = [A.Blur(blur_limit=(3, 7), p=1.0), A.MedianBlur(blur_limit=(3, 7), p=1.0),
