@@ -20,7 +20,10 @@ from torchvision.ops import box_convert
 from ..detector import class_names
 from ..engine.postprocess import class_aware_nms
 
-PARITY_TOLERANCE = 1e-3  # max abs difference, float32
+PARITY_TOLERANCE = 1e-3  # max abs difference, float32 ...
+# ... beyond this fraction of the value: box corners are pixels (to ~800 at 320 on noise input), and float32 sums in
+# another order move a trained model's corners by ~3e-3 px there while its scores agree to 2e-6
+PARITY_RTOL = 1e-5
 MIN_OPSET = 9  # opset 8 cannot export the neck's nearest-neighbour upsampling
 
 
@@ -81,24 +84,30 @@ def _inputs(paths: list[Path], batch: int, h: int, w: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(boxed)).float() / 255
 
 
-def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any = None) -> float:
-    """Max abs difference of ONNX Runtime from PyTorch. With embedded NMS, the model part is compared on the
-    raw outputs (``raw_session``) and the NMS part on identical inputs: PyTorch's NMS applied to ONNX Runtime's
-    raw output. (Comparing end to end would let 1e-5 noise flip greedy NMS decisions among near-equal boxes.)"""
+def _difference(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max abs difference, max abs difference beyond PARITY_RTOL of the reference value)."""
+    diff = np.abs(out - ref)
+    return float(diff.max(initial=0.0)), float((diff - PARITY_RTOL * np.abs(ref)).max(initial=0.0))
+
+
+def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any = None) -> tuple[float, float]:
+    """ONNX Runtime against PyTorch: ``_difference`` of the outputs. With embedded NMS, the model part is compared
+    on the raw outputs (``raw_session``) and the NMS part on identical inputs: PyTorch's NMS applied to ONNX
+    Runtime's raw output. (Comparing end to end would let 1e-5 noise flip greedy NMS decisions among near-equal
+    boxes.)"""
     feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
     out = session.run(None, feed)
     if raw_session is None:
         with torch.no_grad():
-            return float(np.abs(out[0] - module(x).numpy()).max())
+            return _difference(out[0], module(x).numpy())
     raw = raw_session.run(None, feed)[0]
     with torch.no_grad():
-        raw_diff = float(np.abs(raw - module.model(x).numpy()).max())
+        parts = [_difference(raw, module.model(x).numpy())]
         dets, counts = module.nms(torch.from_numpy(raw))
     if not np.array_equal(out[1], counts.numpy()):
         raise ExportError(f"embedded NMS kept {out[1].tolist()} detections where PyTorch kept {counts.tolist()}")
-    nms_diff = max((float(np.abs(canonical_order(a) - canonical_order(b)).max()) for a, b in
-                    zip(out[0], dets.numpy(), strict=True)), default=0.0)
-    return max(raw_diff, nms_diff)
+    parts += [_difference(canonical_order(a), canonical_order(b)) for a, b in zip(out[0], dets.numpy(), strict=True)]
+    return max(p[0] for p in parts), max(p[1] for p in parts)
 
 
 def canonical_order(dets: np.ndarray) -> np.ndarray:
@@ -209,9 +218,10 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             diffs.append(_compare(module, session, torch.rand(b, 3, h, w), raw_session))
             diffs.append(_compare(module, session, _inputs(paths, b, h, w), raw_session))
             checked.append(f"random and {'real' if paths else 'drawn'} images at {b}x3x{h}x{w}")
-    worst = max(diffs, default=float("nan"))
-    if diffs and not worst < PARITY_TOLERANCE:
-        raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
+    worst = max((d[0] for d in diffs), default=float("nan"))
+    if diffs and not max(d[1] for d in diffs) < PARITY_TOLERANCE:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (tolerance {PARITY_TOLERANCE:.0e} "
+                          f"+ {PARITY_RTOL:.0e} x |value|)")
     return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
             "checked": checked}
 
