@@ -133,3 +133,31 @@ def test_benchmark_int8_columns(benchmark_rows):
         assert row["ort_int8_ms"] > 0 and row["int8_ratio"] == pytest.approx(row["ort_int8_ms"] / row["ort_ms"])
         assert row["int8_mb"] < row["onnx_mb"] / 2  # int8 weights
     assert "ORT INT8 ms" in format_markdown(rows) and "INT8 / float" in format_markdown(rows)
+
+
+def test_clipping_script_rebuilds_float_with_int8_ranges(tmp_path, float_onnx):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("int8_clipping", Path(__file__).parents[1] / "scripts" /
+                                                  "int8_clipping.py")
+    int8_clipping = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(int8_clipping)
+    float_path, int8_path = float_onnx("mobilenetv3_large.yaml"), tmp_path / "m_int8.onnx"  # Relus, and hard-swish
+    quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE, method="minmax")
+    floats, int8 = onnx.load(str(float_path)), onnx.load(str(int8_path))
+    assert not any(n.op_type == "Relu" for n in int8.graph.node)  # the quantizer folds them into the ranges
+    x = np.random.default_rng(3).random((1, 3, SIZE, SIZE), dtype=np.float32)
+    paths = {}
+    for part in (None, "all"):
+        paths[part] = tmp_path / f"clip_{part}.onnx"
+        onnx.save(int8_clipping.clipped_float(int8, floats, part), str(paths[part]))
+        graph = onnx.load(str(paths[part])).graph
+        assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    ref = run(float_path, x)
+    # the Relus put back and nothing else clipped: the float model again (fails without the lower bounds)
+    np.testing.assert_allclose(run(paths[None], x), ref, atol=1e-3)
+    # every range clipped, 4x the input: far outside calibration, so the clips bind and the float model is not met
+    clipped, loud = run(paths["all"], 4 * x), run(float_path, 4 * x)
+    assert np.abs(clipped - loud).max() > 1e-2
+    # within range the clipped file is the INT8 file without its rounding
+    assert np.corrcoef(run(paths["all"], x)[0, 4:].ravel(), run(int8_path, x)[0, 4:].ravel())[0, 1] > 0.9
