@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -23,10 +24,11 @@ from torch import nn
 
 from .config import default_names
 from .engine.memory import peak_bytes, random_targets
-from .export.onnx import onnx_latency
+from .export.onnx import onnx_session
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tflite", "ncnn")
+RUNTIMES = ("onnxruntime", "onnxruntime-int8", "tflite", "ncnn")  # timed interleaved, at the same thread count
 INT8_CALIBRATION_IMAGES = 16  # drawn shapes-set images: the benchmark needs no data
 
 
@@ -85,6 +87,16 @@ class BenchmarkConfig:
                 raise ConfigError("--backend onnxruntime needs onnxruntime: pip install onnxruntime") from None
         if "onnxruntime-int8" in self.backends and self.half:
             raise ConfigError("--backend onnxruntime-int8 quantizes the float32 export: drop --half")
+        phone = [b for b in ("tflite", "ncnn") if b in self.backends]
+        if phone and self.half:
+            raise ConfigError(f"--backend {' '.join(phone)} times the float32 export on the CPU: drop --half")
+        for backend in phone:
+            from .engine.runtimes import require_ncnn, require_tflite
+
+            try:
+                (require_tflite if backend == "tflite" else require_ncnn)()
+            except ImportError as e:
+                raise ConfigError(str(e)) from None
         if self.map_file is not None:
             read_map_file(self.map_file)
 
@@ -258,7 +270,7 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
             row["compiled_ms"], row["compiled_p90_ms"] = t["median_ms"], t["p90_ms"]
             torch._dynamo.reset()  # compiled graphs hold memory; the next model starts clean
         del fused
-    files = {}
+    files: dict[str, Path] = {}
     if {"onnxruntime", "onnxruntime-int8"} & set(config.backends):
         path = workdir / f"{candidate.name.replace(' ', '_')}_{imgsz}.onnx"
         report = export_onnx(model, path, imgsz=imgsz, half=config.half,
@@ -270,21 +282,61 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
         files["onnxruntime-int8"] = int8_path = path.with_name(path.stem + "_int8.onnx")
         # latency does not depend on how the ranges were found: the cheapest method
         row["int8_mb"] = quantize_onnx(path, int8_path, shapes_images(imgsz), imgsz, method="minmax")["size_mb"]
+    stem = workdir / f"{candidate.name.replace(' ', '_')}_{imgsz}"
+    if "tflite" in config.backends:
+        from .export.tflite import export_tflite
+
+        report = export_tflite(model, stem.with_suffix(".tflite"), imgsz=imgsz)
+        row["tflite_max_diff"], row["tflite_mb"] = report["max_abs_diff"], report["size_mb"]
+        files["tflite"] = report["path"]
+    if "ncnn" in config.backends:
+        from .export.ncnn import export_ncnn
+
+        report = export_ncnn(model, stem.with_name(stem.name + "_ncnn"), imgsz=imgsz)
+        row["ncnn_max_diff"], row["ncnn_mb"] = report["max_abs_diff"], report["size_mb"]
+        files["ncnn"] = report["path"]
     if files:
-        times = onnx_latency(files, imgsz, runs=config.runs, warmup=config.warmup, cuda=device.type == "cuda",
-                             half=config.half)
-        if "onnxruntime" in config.backends:
-            t = times["onnxruntime"]
-            row["ort_ms"], row["ort_p90_ms"], row["ort_provider"] = t["median_ms"], t["p90_ms"], t["provider"]
-        if "onnxruntime-int8" in config.backends:
-            t = times["onnxruntime-int8"]
-            row["ort_int8_ms"], row["ort_int8_p90_ms"] = t["median_ms"], t["p90_ms"]
-            row["int8_ratio"] = t["median_ms"] / times["onnxruntime"]["median_ms"]
+        row.update(runtime_latency(files, imgsz, config, device))
         for f in files.values():
-            f.unlink()
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
     if config.train_speed:
         row["train_img_s"] = train_speed(model, imgsz, config.train_batch, device, amp=config.half)
         row["train_batch"] = config.train_batch
+    return row
+
+
+def runtime_latency(files: dict[str, Path], imgsz: int, config: BenchmarkConfig, device) -> dict[str, Any]:
+    """Latency columns of the exported files, each in its own runtime, timed interleaved with one another at one
+    thread count (the CPUs this process may use): ONNX Runtime, LiteRT with XNNPACK, ncnn."""
+    from .engine.runtimes import ncnn_net, ncnn_run, tflite_interpreter, tflite_run
+    from .export.onnx import interleaved_latency
+    from .resources import usable_cpus
+
+    threads = usable_cpus()
+    calls: dict[str, Callable[[], object]] = {}
+    onnx = {k: f for k, f in files.items() if k.startswith("onnxruntime")}
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)  # the exports are batch 1
+    providers = {}
+    for key, path in onnx.items():
+        session = onnx_session(path, device.type == "cuda", threads)
+        feed = {session.get_inputs()[0].name: x.astype(np.float16) if config.half else x}
+        calls[key] = lambda session=session, feed=feed: session.run(None, feed)
+        providers[key] = session.get_providers()[0]
+    if "tflite" in files:
+        runner = tflite_interpreter(files["tflite"], threads)
+        calls["tflite"] = lambda: tflite_run(runner, x)
+    if "ncnn" in files:
+        model = ncnn_net(files["ncnn"], threads)
+        calls["ncnn"] = lambda: ncnn_run(model, x)
+    times = interleaved_latency(calls, config.runs, config.warmup)
+    row: dict[str, Any] = {"runtime_threads": threads}
+    prefix = {"onnxruntime": "ort", "onnxruntime-int8": "ort_int8", "tflite": "tflite", "ncnn": "ncnn"}
+    for key, t in times.items():
+        row[f"{prefix[key]}_ms"], row[f"{prefix[key]}_p90_ms"] = t["median_ms"], t["p90_ms"]
+    if "onnxruntime" in providers:
+        row["ort_provider"] = providers["onnxruntime"]
+    if "onnxruntime-int8" in times:
+        row["int8_ratio"] = times["onnxruntime-int8"]["median_ms"] / times["onnxruntime"]["median_ms"]
     return row
 
 
@@ -319,6 +371,10 @@ COLUMNS: list[tuple[str, str, str]] = [  # key, Markdown header, format
     ("ort_int8_ms", "ORT INT8 ms", "{:.1f}"),
     ("ort_int8_p90_ms", "ORT INT8 p90", "{:.1f}"),
     ("int8_ratio", "INT8 / float", "{:.2f}"),
+    ("tflite_ms", "LiteRT ms", "{:.1f}"),
+    ("tflite_p90_ms", "LiteRT p90", "{:.1f}"),
+    ("ncnn_ms", "ncnn ms", "{:.1f}"),
+    ("ncnn_p90_ms", "ncnn p90", "{:.1f}"),
     ("throughput", "img/s @batch", "{:.1f}"),
     ("peak_mb", "peak MB", "{:.0f}"),
     ("train_img_s", "train img/s", "{:.1f}"),
@@ -365,6 +421,13 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
         text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode and "
                  f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images, timed interleaved with "
                  "the float file")
+    phone = [name for key, name in (("tflite", "LiteRT (XNNPACK) on the .tflite"), ("ncnn", "ncnn on the pnnx "
+             "export")) if key in config.backends]
+    if phone:
+        text += f"; {' and '.join(phone)} `yolo-mobile export` writes (float32, parity-checked)"
+    if set(RUNTIMES) & set(config.backends):
+        text += (f"; every runtime at {rows[0].get('runtime_threads', '-') if rows else '-'} threads, timed "
+                 "interleaved with the others")
     text += (f". img/s: batch {config.batch}, torch eager. peak MB: memory one forward at that batch needs above "
              "the loaded model.")
     if config.train_speed:

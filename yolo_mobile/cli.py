@@ -121,8 +121,8 @@ def cmd_val(args: argparse.Namespace) -> int:
     data = load_data_config(args.data)
     evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
     device = select_device(args.device)
-    if args.weights and str(args.weights).endswith(".onnx"):
-        model = _onnx_for_val(args, data.nc, device)
+    if _exported(args.weights):
+        model = _exported_for_val(args, data.nc, device)
     else:
         model = load_model_arg(args, nc=data.nc, names=data.names, trained=trained).to(device)
     save_dir = next_run_dir(args.project, args.name)
@@ -141,8 +141,15 @@ def cmd_val(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_for_val(args: argparse.Namespace, nc: int, device):
-    """An exported file (float or INT8) in ONNX Runtime; a fixed-size file sets ``args.imgsz``."""
+def _exported(weights: str | None) -> bool:
+    """An exported model (ONNX, TFLite, ncnn) rather than a checkpoint."""
+    from .engine.predictor import exported_format
+
+    return exported_format(weights) is not None
+
+
+def _exported_for_val(args: argparse.Namespace, nc: int, device):
+    """An exported model (ONNX float or INT8, TFLite, ncnn) in its runtime; a fixed-size one sets ``args.imgsz``."""
     from .engine.predictor import load_backend
 
     backend = load_backend(args.weights, device=device)
@@ -156,7 +163,7 @@ def _onnx_for_val(args: argparse.Namespace, nc: int, device):
 
 def _trained_model(args: argparse.Namespace):
     """The model of a ``--weights`` checkpoint (its training size and data included), else None."""
-    if not getattr(args, "weights", None) or str(args.weights).endswith(".onnx"):
+    if not getattr(args, "weights", None) or _exported(args.weights):
         return None
     from .engine.checkpoint import load_model
 
@@ -235,6 +242,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.onnx import export_onnx
 
+    if args.format != "onnx":
+        return _export_phone(args)
     if args.weights:
         model = _trained_model(args)
         output = args.output or Path(args.weights).with_suffix(".onnx")
@@ -254,19 +263,78 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_int8(args: argparse.Namespace, model, output: Path) -> int:
+def _export_phone(args: argparse.Namespace) -> int:
+    """--format tflite (float32, --half, --int8) or ncnn (float32, --half): checked in LiteRT or ncnn."""
+    onnx_only = {"--batch": args.batch != 1, "--dynamic": args.dynamic, "--nms": args.nms,
+                 "--simplify": args.simplify, "--opset": args.opset != 17, "--max-det": args.max_det != 300,
+                 "--calib-method": args.calib_method != "minmax",
+                 "--keep-float": args.keep_float != ["decode", "softmax"]}
+    given = [flag for flag, set_ in onnx_only.items() if set_]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: for --format onnx only ({args.format} exports batch 1, fixed size, "
+                          "without NMS)")
+    if args.int8 and args.format == "ncnn":
+        raise ConfigError("--int8 is for --format onnx or tflite (ncnn's INT8 tools are not in its Python package)")
+    if args.int8 and args.half:
+        raise ConfigError("--half and --int8 are two precisions: choose one")
+    model = _trained_model(args) if args.weights else None
+    stem = Path(args.weights).with_suffix("") if args.weights else Path(Path(args.cfg).stem)
+    data = None
+    if args.int8:
+        data, model = _calibration_data(args, model)
+    elif model is None:
+        from .detector import build_model
+
+        model = build_model(args.cfg)
+    imgsz = _imgsz(args, model)
+    if args.format == "ncnn":
+        from .export.ncnn import export_ncnn
+
+        output = Path(args.output) if args.output else stem.with_name(stem.name + "_ncnn")
+        report = export_ncnn(model, output, imgsz=imgsz, half=args.half)
+        print(f"Exported {report['path']}/ ({report['size_mb']:.1f} MB {report['precision']} weights) in "
+              f"{report['export_s']:.1f} s; ncnn vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
+              f"({report['checked']})")
+        return 0
+    from .export.tflite import export_tflite
+
+    suffix = "_int8.tflite" if args.int8 else ".tflite"
+    output = Path(args.output) if args.output else stem.with_name(stem.name + suffix)
+    report = export_tflite(model, output, imgsz=imgsz, half=args.half, int8=args.int8, data=data,
+                           calib_images=args.calib_images)
+    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB, {report['precision']}) in "
+          f"{report['export_s']:.1f} s", end="")
+    if args.int8:
+        print(f"; PT2E static INT8 calibrated on {report['calibration_images']} letterboxed train images at {imgsz}")
+        print(f"mAP50-95 on {report['evaluated_on']}: PyTorch {report['map_float']['map']:.4f}, "
+              f"LiteRT INT8 {report['map_int8']['map']:.4f}; mAP50 {report['map_float']['map50']:.4f} -> "
+              f"{report['map_int8']['map50']:.4f}")
+    else:
+        print(f"; LiteRT vs PyTorch max abs difference {report['max_abs_diff']:.2e} on boxes and scores "
+              f"({report['checked']})")
+    return 0
+
+
+def _calibration_data(args: argparse.Namespace, model) -> tuple[Path, Any]:
+    """--int8's data YAML (--data, else the checkpoint's training data) and the model with its classes."""
     from .config import load_data_config
     from .datasets.synthetic import resolve_data
-    from .export.int8 import export_int8
 
-    if args.half or args.nms or args.dynamic or args.batch != 1:
-        raise ConfigError("--int8 exports a static batch-1 float32 graph: drop --half, --nms, --dynamic, --batch")
     data = args.data or getattr(model, "train_data", None)
     if not data:
         raise ConfigError("--int8 needs --data (a data YAML, or shapes): its train split calibrates")
     data = resolve_data(data)
     classes = load_data_config(data)
     model = load_model_arg(args, nc=classes.nc, names=classes.names, trained=model)  # --cfg: the data's classes
+    return data, model
+
+
+def _export_int8(args: argparse.Namespace, model, output: Path) -> int:
+    from .export.int8 import export_int8
+
+    if args.half or args.nms or args.dynamic or args.batch != 1:
+        raise ConfigError("--int8 exports a static batch-1 float32 graph: drop --half, --nms, --dynamic, --batch")
+    data, model = _calibration_data(args, model)
     output = Path(args.output) if args.output else output.with_name(output.stem + "_int8.onnx")
     imgsz = _imgsz(args, model)
     report = export_int8(model, output, data, imgsz=imgsz, calib_images=args.calib_images,
@@ -422,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="detect objects in images, folders, globs, videos, webcams or streams")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--weights", help="a checkpoint (.pt) or an exported model (.onnx)")
+    group.add_argument("--weights", help="a checkpoint (.pt) or an exported model (.onnx, .tflite, an ncnn folder)")
     group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model")
     p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index (0) or stream URL")
     p.add_argument("--imgsz", type=int, help="inference size (default: the checkpoint's training size, else 640)")
@@ -440,21 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="exp")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("export", help="export to ONNX and check it against PyTorch")
+    p = sub.add_parser("export", help="export to ONNX, TFLite or ncnn and check it against PyTorch in its runtime")
     add_model_args(p)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--output", help="file to write (default: the weights' path with .onnx)")
+    p.add_argument("--format", choices=["onnx", "tflite", "ncnn"], default="onnx",
+                   help="onnx; tflite (LiteRT, needs .[tflite]); ncnn (a <name>_ncnn/ folder, needs .[ncnn])")
+    p.add_argument("--output", help="file (folder for ncnn) to write (default: the weights' path with .onnx, "
+                                    ".tflite, _int8.tflite or _ncnn)")
     p.add_argument("--imgsz", type=int, help="export size (default: the checkpoint's training size, else 640)")
     p.add_argument("--batch", type=int_at_least(1), default=1)
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (9 to the newest torch writes)")
     p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    p.add_argument("--half", action="store_true", help="fp16 weights (exported on CUDA)")
+    p.add_argument("--half", action="store_true", help="fp16 weights (ONNX: exported on CUDA; tflite, ncnn: on "
+                                                       "the CPU)")
     p.add_argument("--nms", action="store_true", help="embed NMS: outputs (B, max_det, 6) and a count")
     p.add_argument("--max-det", type=int_at_least(1), default=300)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--int8", action="store_true", help="also quantize: static INT8 (QDQ) calibrated on --data, "
-                                                       "written as <name>_int8.onnx; prints float vs INT8 mAP")
+    p.add_argument("--int8", action="store_true", help="also quantize: static INT8 calibrated on --data, written "
+                                                       "as <name>_int8.onnx (or .tflite); prints float vs INT8 mAP")
     p.add_argument("--data", help="data YAML for --int8: train images calibrate, val images evaluate "
                                   "(default: the checkpoint's training data)")
     p.add_argument("--calib-images", type=int, default=256, help="train images for --int8 calibration")
@@ -479,10 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="square input sizes")
     p.add_argument("--batch", type=int, default=1, help="batch for the throughput and memory columns")
     p.add_argument("--device", default="cpu", help="cpu or a GPU index such as 0")
-    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime", "onnxruntime-int8"],
+    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime", "onnxruntime-int8", "tflite", "ncnn"],
                    default=["torch", "onnxruntime"],
                    help="PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU when installed), ONNX Runtime "
-                        "on the INT8 file (calibrated on drawn shapes-set images; timed interleaved with float)")
+                        "on the INT8 file (calibrated on drawn shapes-set images), LiteRT with XNNPACK (.[tflite]), "
+                        "ncnn (.[ncnn]); the exported files are timed interleaved at one thread count")
     p.add_argument("--half", action="store_true", help="fp16 (GPU only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (the compile time is reported)")
     p.add_argument("--compare-ultralytics", action="store_true",

@@ -37,6 +37,7 @@ from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
 from ..resources import usable_cpus
 from .postprocess import non_max_suppression
+from .runtimes import is_ncnn_folder
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".wmv", ".mpeg", ".mpg")
@@ -344,6 +345,66 @@ class OnnxBackend:
         return torch.from_numpy(outputs[0]).float()
 
 
+class TfliteBackend:
+    """A .tflite file run by the LiteRT interpreter (XNNPACK): batch 1, the size it was exported at; names and
+    size from its metadata. One interpreter is not thread-safe: predict runs it one batch at a time."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        from .runtimes import require_tflite, tflite_interpreter, tflite_metadata
+
+        require_tflite()
+        self.runner = tflite_interpreter(path, threads)
+        meta = tflite_metadata(path)
+        _, _, h, w = self.runner.get_input_details()[0]["shape"]
+        outputs = int(self.runner.get_output_details()[0]["shape"][1])
+        self.names = meta.get("names") or default_names(outputs - 4)
+        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(h), int(meta.get("stride", 32)), False
+        if h != w:
+            raise ValueError(f"{path}: input {h}x{w} is not square; yolo-mobile exports square inputs")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .runtimes import tflite_run
+
+        return torch.from_numpy(tflite_run(self.runner, x.numpy()))
+
+
+class NcnnBackend:
+    """An ncnn export folder (model.ncnn.param, model.ncnn.bin, metadata.json) run by ncnn, one image at a time
+    at the size it was exported at; float16 storage only for a float16 export."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        from .runtimes import NCNN_METADATA, ncnn_metadata, ncnn_net, require_ncnn
+
+        require_ncnn()
+        meta = ncnn_metadata(folder)
+        if "imgsz" not in meta:
+            raise ValueError(f"{folder}: no {NCNN_METADATA} (written by yolo-mobile export --format ncnn); "
+                             "the input size is not known")
+        self.net = ncnn_net(folder, threads)
+        self.names = meta["names"]
+        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(meta["imgsz"]), int(meta["stride"]), False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .runtimes import ncnn_run
+
+        return torch.from_numpy(ncnn_run(self.net, x.numpy()))
+
+
+def exported_format(weights: str | Path | None) -> str | None:
+    """'onnx', 'tflite' or 'ncnn' for an exported model (a .onnx or .tflite file, an ncnn export folder), else
+    None (a checkpoint, or nothing)."""
+    if weights is None:
+        return None
+    text = str(weights).rstrip("/")
+    if text.endswith(".onnx"):
+        return "onnx"
+    if text.endswith(".tflite"):
+        return "tflite"
+    if text.endswith("_ncnn") or is_ncnn_folder(text):
+        return "ncnn"
+    return None
+
+
 def check_classes(classes: list[int] | None, names: list[str]) -> None:
     """``classes`` (a filter on class indices) must name classes the model has."""
     wrong = [c for c in classes or [] if not 0 <= c < len(names)]
@@ -353,11 +414,17 @@ def check_classes(classes: list[int] | None, names: list[str]) -> None:
 
 def load_backend(weights: str | Path | None = None, cfg: str | None = None, device: torch.device | str = "cpu",
                  half: bool = False):
-    """A ``.pt`` checkpoint or a model YAML (PyTorch) or an ``.onnx`` file (ONNX Runtime)."""
-    if weights is not None and str(weights).endswith(".onnx"):
+    """A ``.pt`` checkpoint or a model YAML (PyTorch), an ``.onnx`` file (ONNX Runtime), a ``.tflite`` file
+    (LiteRT) or an ncnn export folder (ncnn)."""
+    kind = exported_format(weights)
+    if kind == "ncnn":
+        if not is_ncnn_folder(weights):
+            raise SourceError(f"{weights}: no ncnn export folder (with model.ncnn.param) there")
+        return NcnnBackend(weights)
+    if kind is not None:
         if not Path(weights).is_file():
-            raise SourceError(f"{weights}: no such ONNX file")
-        return OnnxBackend(weights, device)
+            raise SourceError(f"{weights}: no such {'ONNX' if kind == 'onnx' else 'TFLite'} file")
+        return OnnxBackend(weights, device) if kind == "onnx" else TfliteBackend(weights)
     if weights is not None:
         from .checkpoint import load_model
 

@@ -9,6 +9,7 @@ import copy
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -247,24 +248,32 @@ def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = Non
 def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
                  threads: int | None = None, cuda: bool = False, half: bool = False,
                  rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved: the
-    ``runs`` are split into ``rounds`` blocks that alternate between the files, so a load that comes and goes on
-    a shared machine falls on all of them alike."""
+    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved
+    (``interleaved_latency``)."""
     sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
     x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
     feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
              for k, s in sessions.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for k, s in sessions.items():
+    calls = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
+    times = interleaved_latency(calls, runs, warmup, rounds)
+    return {k: {**v, "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
+
+
+def interleaved_latency(calls: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 5,
+                        rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """Median and p90 milliseconds of each call, interleaved: the ``runs`` are split into ``rounds`` blocks that
+    alternate between the calls, so a load that comes and goes on a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for call in calls.values():
         for _ in range(warmup):
-            s.run(None, feeds[k])
+            call()
     rounds = max(1, min(rounds, runs))
     for r in range(rounds):
         n = runs // rounds + (r < runs % rounds)
-        for k, s in sessions.items():
+        for k, call in calls.items():
             for _ in range(n):
                 t = time.perf_counter()
-                s.run(None, feeds[k])
+                call()
                 times[k].append((time.perf_counter() - t) * 1000)
-    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v),
-                "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
+    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)}
+            for k, v in times.items()}

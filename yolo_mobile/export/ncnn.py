@@ -1,0 +1,80 @@
+"""ncnn export through pnnx (TorchScript trace -> pnnx -> ncnn), checked in ncnn's own runtime against PyTorch.
+
+The folder ``<name>_ncnn/`` holds ``model.ncnn.param`` and ``model.ncnn.bin`` (the layout ultralytics' ncnn
+exports use, so code written for theirs finds the files) and ``metadata.json`` (class names, size, precision).
+ncnn runs one image at a time: input blob ``in0`` (3, H, W) float32 RGB in 0-1, output ``out0`` (4 + nc, N).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.runtimes import NCNN_METADATA as METADATA
+from ..engine.runtimes import NCNN_PARAM as PARAM
+from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
+from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
+from .checks import check_parity, fused_copy, metadata, metadata_json, staged
+from .onnx import ExportError
+
+
+class ConversionError(ExportError):
+    """pnnx cannot convert the model, or leaves operators ncnn has no layer for (named in the message)."""
+
+
+def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:
+    import pnnx
+
+    outputs = {"ncnnparam": PARAM, "ncnnbin": WEIGHTS, "ncnnpy": "model_ncnn.py", "pnnxparam": "model.pnnx.param",
+               "pnnxbin": "model.pnnx.bin", "pnnxpy": "model_pnnx.py", "pnnxonnx": "model.pnnx.onnx"}
+    command = [pnnx.EXEC_PATH, str(traced), f"inputshape=[1,3,{imgsz},{imgsz}]f32", "device=cpu",
+               f"fp16={int(half)}", *(f"{k}={workdir / v}" for k, v in outputs.items())]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    if done.returncode != 0 or not (workdir / PARAM).is_file():
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        raise ConversionError(f"pnnx cannot convert this model (exit {done.returncode}): {tail}")
+
+
+def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bool = False,
+                check_images: list[str | Path] | None = None) -> dict[str, Any]:
+    """Trace ``model`` (fused) at batch 1 and ``imgsz``, convert it with pnnx into the folder ``output``, then
+    check it in ncnn against PyTorch on random and drawn images (float32 within 1e-3; ``half``: float16 weights
+    and storage, within the float16 bounds of ``checks``). The folder is written only when the check passed."""
+    require_ncnn()
+    output = Path(output)
+    if imgsz < 32 or imgsz % 32:
+        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    if output.is_file():
+        raise ValueError(f"{output}: is a file; ncnn writes a folder (model.ncnn.param and model.ncnn.bin)")
+    fused = fused_copy(model)
+    x = torch.zeros(1, 3, imgsz, imgsz)
+    precision = "float16" if half else "float32"
+    report: dict[str, Any] = {"precision": precision}
+    with tempfile.TemporaryDirectory(prefix="yolo_mobile_ncnn_") as tmp, staged(output) as partial:
+        start = time.perf_counter()
+        workdir = Path(tmp)
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation note
+            torch.jit.trace(fused, x, check_trace=False).save(str(workdir / "model.pt"))
+        _pnnx(workdir / "model.pt", imgsz, half, workdir)
+        missing = unsupported_layers(workdir / PARAM)
+        if missing:
+            raise ConversionError(f"pnnx left operator(s) {', '.join(missing)} that ncnn has no layer for")
+        partial.mkdir()
+        for name in (PARAM, WEIGHTS):
+            shutil.move(str(workdir / name), str(partial / name))
+        (partial / METADATA).write_text(metadata_json(metadata(model, imgsz, precision)) + "\n")
+        report["export_s"] = time.perf_counter() - start
+        runner = ncnn_net(partial, half=half)
+        report.update(check_parity(fused, lambda a: ncnn_run(runner, a), imgsz, "ncnn", half, check_images))
+        report["size_mb"] = (partial / WEIGHTS).stat().st_size / 2**20
+    return {**report, "path": output}
