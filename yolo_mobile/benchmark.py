@@ -283,18 +283,9 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
         # latency does not depend on how the ranges were found: the cheapest method
         row["int8_mb"] = quantize_onnx(path, int8_path, shapes_images(imgsz), imgsz, method="minmax")["size_mb"]
     stem = workdir / f"{candidate.name.replace(' ', '_')}_{imgsz}"
-    if "tflite" in config.backends:
-        from .export.tflite import export_tflite
-
-        report = export_tflite(model, stem.with_suffix(".tflite"), imgsz=imgsz)
-        row["tflite_max_diff"], row["tflite_mb"] = report["max_abs_diff"], report["size_mb"]
-        files["tflite"] = report["path"]
-    if "ncnn" in config.backends:
-        from .export.ncnn import export_ncnn
-
-        report = export_ncnn(model, stem.with_name(stem.name + "_ncnn"), imgsz=imgsz)
-        row["ncnn_max_diff"], row["ncnn_mb"] = report["max_abs_diff"], report["size_mb"]
-        files["ncnn"] = report["path"]
+    for fmt in ("tflite", "ncnn"):
+        if fmt in config.backends:
+            files.update(phone_export(fmt, model, stem, imgsz, row))
     if files:
         row.update(runtime_latency(files, imgsz, config, device))
         for f in files.values():
@@ -303,6 +294,25 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
         row["train_img_s"] = train_speed(model, imgsz, config.train_batch, device, amp=config.half)
         row["train_batch"] = config.train_batch
     return row
+
+
+def phone_export(fmt: str, model, stem: Path, imgsz: int, row: dict[str, Any]) -> dict[str, Path]:
+    """Export to ``fmt`` (tflite, ncnn) for timing; its parity and size go in ``row``. A model the converter
+    cannot take (an ncnn exception in README's list) gets its reason in ``row`` and no column, not a stopped run."""
+    from .export.checks import ConversionError
+    from .export.ncnn import export_ncnn
+    from .export.tflite import export_tflite
+
+    try:
+        if fmt == "tflite":
+            report = export_tflite(model, stem.with_suffix(".tflite"), imgsz=imgsz)
+        else:
+            report = export_ncnn(model, stem.with_name(stem.name + "_ncnn"), imgsz=imgsz)
+    except ConversionError as e:
+        row[f"{fmt}_error"] = str(e)
+        return {}
+    row[f"{fmt}_max_diff"], row[f"{fmt}_mb"] = report["max_abs_diff"], report["size_mb"]
+    return {fmt: report["path"]}
 
 
 def runtime_latency(files: dict[str, Path], imgsz: int, config: BenchmarkConfig, device) -> dict[str, Any]:

@@ -24,6 +24,10 @@ from .onnx import PARITY_TOLERANCE, ExportError, _inputs
 FP16_BOX_TOLERANCE = 2**-8
 FP16_SCORE_TOLERANCE = 2**-7  # sigmoid outputs in 0-1: 0.008, well under any confidence threshold step
 
+class ConversionError(ExportError):
+    """The converter (litert-torch, pnnx) cannot take the model; the message names the operator where it can."""
+
+
 Runner = Callable[[np.ndarray], np.ndarray]  # (1, 3, H, W) float32 RGB in 0-1 -> (1, 4 + nc, N)
 
 
@@ -101,7 +105,7 @@ def staged(output: Path) -> Iterator[Path]:
         _remove(output)
         partial.replace(output)
     except ExportError as e:
-        raise ExportError(f"{output}: {e}; nothing was written") from None
+        raise type(e)(f"{output}: {e}; nothing was written") from None
     finally:
         _remove(partial)
 

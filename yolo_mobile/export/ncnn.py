@@ -21,12 +21,7 @@ from ..engine.runtimes import NCNN_METADATA as METADATA
 from ..engine.runtimes import NCNN_PARAM as PARAM
 from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
 from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
-from .checks import check_parity, fused_copy, metadata, metadata_json, staged
-from .onnx import ExportError
-
-
-class ConversionError(ExportError):
-    """pnnx cannot convert the model, or leaves operators ncnn has no layer for (named in the message)."""
+from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged
 
 
 def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:

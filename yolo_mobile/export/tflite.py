@@ -22,16 +22,12 @@ import torch
 from torch import nn
 
 from ..engine.runtimes import TFLITE_METADATA, require_tflite, tflite_interpreter, tflite_run
-from .checks import check_parity, fused_copy, metadata, metadata_json, staged
+from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged
 from .onnx import ExportError
 
 # INT8 fails its check below half of PyTorch's mAP50-95: a broken quantization (a quantized decode rounds every
 # score to zero), not the point or two that calibration costs
 INT8_MIN_MAP_RATIO = 0.5
-
-
-class ConversionError(ExportError):
-    """litert-torch cannot convert the model; the message names the operator when the converter does."""
 
 
 @contextlib.contextmanager
@@ -57,6 +53,19 @@ def _converted(module: nn.Module, x: torch.Tensor, quant_config: Any = None) -> 
     except Exception as e:  # the converter raises bare RuntimeErrors and lowering errors naming the aten op
         raise ConversionError(f"litert-torch cannot convert this model{_named_op(e)}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    finally:
+        _release_jax()
+
+
+def _release_jax() -> None:
+    """litert-torch lowers some ops through JAX, which starts a CPU client with threads of its own; dropped after
+    the conversion, so that a later fork in this process (DataLoader workers) does not copy a process mid-thread."""
+    import sys
+
+    if "jax" in sys.modules:
+        from jax.extend.backend import clear_backends
+
+        clear_backends()
 
 
 def _named_op(error: Exception) -> str:
