@@ -1,7 +1,9 @@
 """LiteRT (TFLite) and ncnn exports: each checked in its own runtime, run by detect, val and benchmark; bad
-requests named. The every-family sweep is in test_phone_export_families.py."""
+requests named. The every-family sweep is in test_phone_export_families.py. The LiteRT INT8 export runs where
+YOLO_MOBILE_SLOW_EXPORTS=1 is set (.ci/run sets it): a LiteRT conversion costs 15-60 s of CPU."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -119,6 +121,9 @@ def test_cli_ncnn_half_then_detect_and_val(tmp_path, shapes, capsys):
     assert (tmp_path / "d" / "exp" / image.name).is_file()
 
 
+@pytest.mark.skipif(os.environ.get("YOLO_MOBILE_SLOW_EXPORTS") != "1",
+                    reason="LiteRT INT8 (two conversions, two val runs: 1-2 min of CPU): YOLO_MOBILE_SLOW_EXPORTS=1 "
+                           "runs it")
 def test_cli_tflite_int8_by_map(tmp_path, shapes, capsys):
     out = tmp_path / "m_int8.tflite"
     assert main(["export", "--cfg", "yolov5n.yaml", "--format", "tflite", "--int8", "--data", str(shapes),

@@ -3,7 +3,7 @@ within 1e-3 on random and drawn images), or failing with a message that names th
 
 One conversion per family and format. ncnn's run by default (a few seconds each); LiteRT's cost 15-60 s of CPU
 each (litert-torch runs torch.export's decompositions several times), so the sweep runs where
-YOLO_MOBILE_EXPORT_FAMILIES=1 is set (.ci/run sets it), and the plain suite converts yolov5n only
+YOLO_MOBILE_SLOW_EXPORTS=1 is set (.ci/run sets it), and the plain suite converts yolov5n only
 (test_phone_export.py)."""
 
 import os
@@ -38,8 +38,8 @@ def test_ncnn_family(tmp_path, family):
     assert load_backend(out).imgsz == SIZE
 
 
-@pytest.mark.skipif(os.environ.get("YOLO_MOBILE_EXPORT_FAMILIES") != "1",
-                    reason="LiteRT's every-family sweep (~5 min of CPU): YOLO_MOBILE_EXPORT_FAMILIES=1 runs it")
+@pytest.mark.skipif(os.environ.get("YOLO_MOBILE_SLOW_EXPORTS") != "1",
+                    reason="LiteRT's every-family sweep (~5 min of CPU): YOLO_MOBILE_SLOW_EXPORTS=1 runs it")
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tflite_family(tmp_path, family):
     pytest.importorskip("litert_torch", reason="the tflite extra is not installed: pip install -e '.[tflite]'")
