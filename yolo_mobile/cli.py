@@ -267,7 +267,7 @@ def _export_phone(args: argparse.Namespace) -> int:
     """--format tflite (float32, --half, --int8) or ncnn (float32, --half): checked in LiteRT or ncnn."""
     onnx_only = {"--batch": args.batch != 1, "--dynamic": args.dynamic, "--nms": args.nms,
                  "--simplify": args.simplify, "--opset": args.opset != 17, "--max-det": args.max_det != 300,
-                 "--calib-method": args.calib_method != "minmax",
+                 "--calib-method": args.calib_method != "entropy",
                  "--keep-float": args.keep_float != ["decode", "softmax"]}
     given = [flag for flag, set_ in onnx_only.items() if set_]
     if given:
