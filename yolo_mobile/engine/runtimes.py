@@ -6,7 +6,14 @@ Both are optional extras (``pip install -e ".[tflite]"``, ``".[ncnn]"``), import
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +23,35 @@ TFLITE_METADATA = "yolo_mobile"  # the flatbuffer metadata entry holding the exp
 NCNN_PARAM, NCNN_WEIGHTS, NCNN_METADATA = "model.ncnn.param", "model.ncnn.bin", "metadata.json"
 
 
+# a native (absl, TFLite) or torch log line of level E or F: "E0000 00:00:...", "F1126 ...", "ERROR: ..."
+_SEVERE_LINE = re.compile(r"^(?:[EF]\d{4} |ERROR:|FATAL)")
+
+
+@contextlib.contextmanager
+def native_logs_filtered(source: str) -> Iterator[None]:
+    """Hold what the block writes to file descriptor 2 (absl's and TFLite's C++ logging, JAX's, torch's log
+    lines) and drop it, except error and fatal lines, which come back as one warning naming ``source``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            severe = [line for line in sink.read().decode(errors="replace").splitlines() if _SEVERE_LINE.match(line)]
+            if severe:
+                warnings.warn(f"{source} logged: {' | '.join(severe)}", RuntimeWarning, stacklevel=3)
+
+
 def require_tflite() -> None:
     try:
-        import ai_edge_litert  # noqa: F401
-        import litert_torch  # noqa: F401
+        with native_logs_filtered("litert-torch"):  # torchao's import logs a deprecation line
+            import ai_edge_litert  # noqa: F401
+            import litert_torch  # noqa: F401
     except ImportError:
         raise ImportError('--format tflite needs litert-torch and ai-edge-litert: pip install -e ".[tflite]"') \
             from None
@@ -39,11 +71,12 @@ def tflite_interpreter(path: str | Path, threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        runner = Interpreter(model_path=str(path), num_threads=threads)
+        with native_logs_filtered("the LiteRT interpreter"):  # "INFO: Created TensorFlow Lite XNNPACK delegate"
+            runner = Interpreter(model_path=str(path), num_threads=threads)
+            runner.allocate_tensors()
     except ValueError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
         raise ValueError(f"{path}: not a model the LiteRT interpreter can load ({reason})") from None
-    runner.allocate_tensors()
     return runner
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.runtimes import TFLITE_METADATA, require_tflite, tflite_interpreter, tflite_run
+from ..engine.runtimes import TFLITE_METADATA, native_logs_filtered, require_tflite, tflite_interpreter, tflite_run
 from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged
 from .onnx import ExportError
 
@@ -46,15 +46,17 @@ def _quiet_converter() -> Iterator[None]:
 def _converted(module: nn.Module, x: torch.Tensor, quant_config: Any = None) -> bytes:
     import litert_torch
 
-    try:
-        with _quiet_converter(), warnings_ignored():
-            edge = litert_torch.convert(module, (x,), quant_config=quant_config)
-            return bytes(edge.model_content())
-    except Exception as e:  # the converter raises bare RuntimeErrors and lowering errors naming the aten op
-        raise ConversionError(f"litert-torch cannot convert this model{_named_op(e)}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
-    finally:
-        _release_jax()
+    # the converter's absl, MLIR and JAX lines go to file descriptor 2: kept out of the export's output
+    with native_logs_filtered("litert-torch"):
+        try:
+            with _quiet_converter(), warnings_ignored():
+                edge = litert_torch.convert(module, (x,), quant_config=quant_config)
+                return bytes(edge.model_content())
+        except Exception as e:  # the converter raises bare RuntimeErrors and lowering errors naming the aten op
+            raise ConversionError(f"litert-torch cannot convert this model{_named_op(e)}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        finally:
+            _release_jax()
 
 
 def _release_jax() -> None:
@@ -104,7 +106,8 @@ def _input_layout(model_bytes: bytes) -> str:
     """How to feed a converted file: an INT8 file whose first layer is quantized takes int8 input."""
     from ai_edge_litert.interpreter import Interpreter
 
-    given = Interpreter(model_content=model_bytes).get_input_details()[0]
+    with native_logs_filtered("the LiteRT interpreter"):
+        given = Interpreter(model_content=model_bytes).get_input_details()[0]
     if not np.issubdtype(given["dtype"], np.integer):
         return "NCHW float32 RGB 0-1"
     scale, zero = given["quantization"]
@@ -118,7 +121,8 @@ def _float16_weights(model_bytes: bytes) -> bytes:
 
     recipe = translate_recipe.translate_to_ai_edge_recipe(quant_recipes.full_fp16_recipe().generative_recipe)
     # the quantizer prints sizes and progress bars on every call
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            native_logs_filtered("ai-edge-quantizer"):
         return bytes(translate_recipe.quantize_model(model_bytes, recipe))
 
 
@@ -157,7 +161,7 @@ def _int8(module: nn.Module, x: torch.Tensor, images: list[Path], imgsz: int) ->
     from .int8 import _letterboxed
 
     quantizer = _decode_quantizer()
-    with warnings_ignored():
+    with warnings_ignored(), native_logs_filtered("torch.export"):
         graph = torch.export.export(module, (x,)).module()
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
         with torch.no_grad():
