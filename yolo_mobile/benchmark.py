@@ -27,7 +27,9 @@ from .engine.memory import peak_bytes, random_targets
 from .export.onnx import onnx_session
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tflite", "ncnn")
+# the API's default: the phone runtimes (optional extras, a LiteRT conversion costs 15-60 s) are asked for by name
+DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+BACKENDS = (*DEFAULT_BACKENDS, "tflite", "ncnn")
 RUNTIMES = ("onnxruntime", "onnxruntime-int8", "tflite", "ncnn")  # timed interleaved, at the same thread count
 INT8_CALIBRATION_IMAGES = 16  # drawn shapes-set images: the benchmark needs no data
 
@@ -52,7 +54,7 @@ class BenchmarkConfig:
     imgsz: list[int] = field(default_factory=lambda: [320, 640])
     batch: int = 1
     device: str = "cpu"
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     half: bool = False
     compile: bool = False
     compare_ultralytics: bool = False
@@ -338,8 +340,10 @@ def runtime_latency(files: dict[str, Path], imgsz: int, config: BenchmarkConfig,
     if "ncnn" in files:
         model = ncnn_net(files["ncnn"], threads)
         calls["ncnn"] = lambda: ncnn_run(model, x)
+    # ncnn's per-layer fork-join waits on any thread another process holds back (README: Benchmark)
+    load = os.getloadavg()[0]
     times = interleaved_latency(calls, config.runs, config.warmup)
-    row: dict[str, Any] = {"runtime_threads": threads}
+    row: dict[str, Any] = {"runtime_threads": threads, "runtime_load": load}
     prefix = {"onnxruntime": "ort", "onnxruntime-int8": "ort_int8", "tflite": "tflite", "ncnn": "ncnn"}
     for key, t in times.items():
         row[f"{prefix[key]}_ms"], row[f"{prefix[key]}_p90_ms"] = t["median_ms"], t["p90_ms"]
@@ -436,8 +440,12 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
     if phone:
         text += f"; {' and '.join(phone)} `yolo-mobile export` writes (float32, parity-checked)"
     if set(RUNTIMES) & set(config.backends):
+        loads = [r["runtime_load"] for r in rows if "runtime_load" in r]
         text += (f"; every runtime at {rows[0].get('runtime_threads', '-') if rows else '-'} threads, timed "
                  "interleaved with the others")
+        if loads:
+            busy = ": ncnn slows most on a busy machine" if "ncnn" in config.backends else ""
+            text += f" (load average {min(loads):.1f}-{max(loads):.1f} as they started{busy})"
     text += (f". img/s: batch {config.batch}, torch eager. peak MB: memory one forward at that batch needs above "
              "the loaded model.")
     if config.train_speed:
