@@ -125,3 +125,11 @@ def test_benchmark_latency_column(converted):
     row = runtime_latency({"ncnn": converted("cspdarknet")[1]["path"]}, SIZE, config, torch.device("cpu"))
     assert row["ncnn_ms"] > 0 and row["ncnn_p90_ms"] >= row["ncnn_ms"] and row["runtime_threads"] >= 1
     assert "ncnn ms" in format_markdown([{"model": "m", "imgsz": SIZE, **row}])
+
+
+def test_threads_default_to_torchs(converted):
+    """ncnn waits at every layer for each of its threads: by default it takes torch's count, the process's share
+    of the cores (1 in a test worker), not every core."""
+    folder = converted("cspdarknet")[2]
+    assert runtimes.ncnn_net(folder).opt.num_threads == torch.get_num_threads()
+    assert runtimes.ncnn_net(folder, threads=3).opt.num_threads == 3

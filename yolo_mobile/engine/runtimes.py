@@ -131,11 +131,11 @@ def unsupported_layers(param: Path) -> list[str]:
 
 
 def ncnn_net(folder: str | Path, threads: int | None = None, half: bool | None = None):
-    """An ncnn Net loaded from ``folder``; float16 storage and arithmetic only for a float16 export (``half``
-    None: as its metadata says), so a float32 export runs as it was checked."""
+    """An ncnn Net loaded from ``folder`` running on ``threads`` (default: torch's thread count); float16 storage
+    and arithmetic only for a float16 export (``half`` None: as its metadata says), so a float32 export runs as
+    it was checked."""
     import ncnn
-
-    from ..resources import usable_cpus
+    import torch
 
     folder = Path(folder)
     if half is None:
@@ -145,7 +145,9 @@ def ncnn_net(folder: str | Path, threads: int | None = None, half: bool | None =
         raise ValueError(f"{folder / NCNN_PARAM}: ncnn has no layer for {', '.join(missing)}")
     model = ncnn.Net()
     model.opt.use_fp16_storage = model.opt.use_fp16_packed = model.opt.use_fp16_arithmetic = half
-    model.opt.num_threads = threads or usable_cpus()
+    # default: torch's intra-op count, the share of the cores this process was given (a test worker gets 1): ncnn
+    # waits at every layer for each of its threads, so more threads than free cores cost it most (README)
+    model.opt.num_threads = threads or torch.get_num_threads()
     if model.load_param(str(folder / NCNN_PARAM)) != 0 or model.load_model(str(folder / NCNN_WEIGHTS)) != 0:
         raise ValueError(f"{folder}: ncnn cannot load {NCNN_PARAM} and {NCNN_WEIGHTS}")
     return model
