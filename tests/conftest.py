@@ -14,6 +14,11 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 # modules whose tests share one session fixture run on one worker, so it is built once
 SHARED_GROUPS = {"test_benchmark": "benchmark_rows", "test_int8": "benchmark_rows"}
+# the heaviest xdist groups, most CPU first (pytest --durations, whole suite, 2 workers, idle): xdist hands groups
+# out in collection order (--no-loadscope-reorder), so these start first and no worker runs a long one at the end
+HEAVY_GROUPS = ["benchmark_rows", "test_phone_export_tflite", "tflite-mobile_former", "tflite-vit",
+                "tflite-mobilevit", "tflite-emo", "tflite-timm", "tflite-mobilenetv3", "tflite-fastvit",
+                "test_phone_export_ncnn", "test_first_hour", "test_train", "test_deploy"]
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -24,11 +29,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks to group the tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Each module's tests stay on one worker (their module-scoped fixtures, exports and trained models, are
-    built once), as with --dist loadfile; modules in SHARED_GROUPS share a worker."""
+    built once), as with --dist loadfile; modules in SHARED_GROUPS share a worker. Then the HEAVY_GROUPS go first,
+    in that order (a stable sort: the same order on every worker, as xdist requires)."""
     for item in items:
         if not any(item.iter_markers("xdist_group")):
             module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
             item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+    rank = {group: i for i, group in enumerate(HEAVY_GROUPS)}
+    items.sort(key=lambda item: rank.get(xdist_group(item), len(rank)))
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The group xdist sends ``item`` with: its closest xdist_group mark (a test's own before its module's)."""
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark.args else mark.kwargs.get("name", "default")
 
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "coco128"

@@ -23,8 +23,14 @@ from yolo_mobile.export import tflite
 from yolo_mobile.export.checks import check_inputs, check_parity, fused_copy, metadata
 from yolo_mobile.export.onnx import export_onnx
 
-pytestmark = pytest.mark.xdist_group("test_phone_export_tflite")  # one worker builds the module's conversions
+pytestmark = pytest.mark.xdist_group("test_phone_export_tflite")  # cspdarknet's conversion serves several tests
 SIZE = 320  # the issue's size for the every-family export
+
+
+def own_group(family: str):
+    """A family's conversion test in an xdist group of its own (15-80 s each: the two workers share them), but
+    cspdarknet's with the module's tests that reuse its conversion."""
+    return family if family == "cspdarknet" else pytest.param(family, marks=pytest.mark.xdist_group(f"tflite-{family}"))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def shapes():
     return resolve_data("shapes:16")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [own_group(family) for family in FAMILIES])
 def test_every_family_converts_and_matches_pytorch(converted, family):
     _, report = converted(family)
     assert report["max_abs_diff"] < 1e-3 and report["checked"] == f"random and drawn images at 1x3x{SIZE}x{SIZE}"
