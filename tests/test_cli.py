@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from yolo_mobile.cli import main
 
 
@@ -78,3 +80,21 @@ def test_several_gpus_outside_torchrun_are_refused_with_the_command(capsys):
     err = capsys.readouterr().err
     assert "device '0,1' names 2 GPUs, but one process uses one" in err
     assert "torchrun --nproc_per_node 2 -m yolo_mobile train" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_outside_training_exits_130_without_a_traceback(monkeypatch, capsys):
+    import yolo_mobile.benchmark
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(yolo_mobile.benchmark, "model_table", interrupted)
+    try:
+        code = main(["models", "--table"])
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole pytest session
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "yolo-mobile: models interrupted" in err and "Traceback" not in err
+    with pytest.raises(KeyboardInterrupt):  # --verbose keeps the traceback
+        main(["models", "--table", "--verbose"])

@@ -597,6 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"yolo-mobile: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in val, export, benchmark...: the shell's code for it, not a traceback
+        if args.verbose:
+            raise
+        print(f"\nyolo-mobile: {args.command} interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
