@@ -70,12 +70,26 @@ def test_a_batch_that_does_not_fit_is_lowered_with_a_warning(shapes, tmp_path, m
 
 
 def test_batch_minus_one_picks_the_largest_that_fits(shapes, tmp_path, monkeypatch):
+    import yolo_mobile.engine.trainer as trainer_module
+
     gib = 2**30
     _fake_memory(monkeypatch, gib, gib // 4, 5 * gib)  # 4 GiB usable less the optimizer: 11 images
+    monkeypatch.setattr(trainer_module, "MIN_STEPS_PER_EPOCH", 1)  # 16 images: memory decides alone
     trainer = Trainer(TrainConfig.from_kwargs(cfg="yolov5n.yaml", data=str(shapes), epochs=1, imgsz=64,
                                               project=str(tmp_path), val=False, **{**FAST, "batch": -1}))
     trainer.before_train()
     assert trainer.per_rank_batch == 11
+
+
+def test_batch_minus_one_leaves_an_epoch_its_steps(shapes, tmp_path, monkeypatch, caplog):
+    gib = 2**30
+    _fake_memory(monkeypatch, gib, gib // 64, 20 * gib)  # memory would take the whole 16-image set
+    trainer = Trainer(TrainConfig.from_kwargs(cfg="yolov5n.yaml", data=str(shapes), epochs=1, imgsz=64,
+                                              project=str(tmp_path), val=False, **{**FAST, "batch": -1}))
+    with caplog.at_level(logging.INFO):
+        trainer.before_train()
+    assert trainer.per_rank_batch == 2  # 16 images, 8 steps an epoch
+    assert "at most 2, so that an epoch of 16 images has 8 steps" in caplog.text
 
 
 def test_a_run_that_cannot_fit_one_image_stops_before_making_a_folder(shapes, tmp_path, monkeypatch):

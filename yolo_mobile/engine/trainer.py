@@ -45,6 +45,9 @@ from .validate import validate
 
 log = logging.getLogger(__name__)
 MEMORY_MARGIN = 0.8  # a training step may use this share of the memory available when it starts
+# --batch -1 keeps at least this many steps an epoch: on a small set (coco128) the batch that fits in memory is the
+# whole set, one step an epoch
+MIN_STEPS_PER_EPOCH = 8
 
 
 def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -468,7 +471,8 @@ class Trainer:
             return asked
         workers = 0 if self.cuda else 2 * c.workers  # CPU: training and validation workers share the RAM
         budget = int(MEMORY_MARGIN * available) - workers * WORKER_BYTES - self._optimizer_state_bytes()
-        limit = asked if asked is not None else max(1, len(self.train_samples) // self.world_size)
+        per_epoch = len(self.train_samples) // (self.world_size * MIN_STEPS_PER_EPOCH)
+        limit = asked if asked is not None else max(1, per_epoch)
         fitting = largest_batch(memory, budget, sizes_for, limit)
         if self.world_size > 1:  # every rank runs the same batch: the smallest that fits everywhere
             t = torch.tensor([fitting], device=self.device)
@@ -485,8 +489,9 @@ class Trainer:
                               + (" or --max-scale" if c.multi_scale else "") + " or --workers")
         if asked is None:
             if self.main:
-                log.info("batch -1: %d per process fits (%.1f GiB of %.1f GiB usable)", fitting,
-                         memory.at(fitting, h, w) / GiB, budget / GiB)
+                log.info("batch -1: %d per process fits (%.1f GiB of %.1f GiB usable; at most %d, so that an "
+                         "epoch of %d images has %d steps)", fitting, memory.at(fitting, h, w) / GiB, budget / GiB,
+                         limit, len(self.train_samples), MIN_STEPS_PER_EPOCH)
             return fitting
         if fitting < asked and self.main:
             log.warning("batch %d needs about %.1f GiB for a training step at %dx%d, more than the %.1f GiB of %s "
