@@ -97,6 +97,16 @@ def metadata_json(meta: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
+def warnings_ignored() -> Iterator[None]:
+    """Converters' and tracers' deprecation notes (torch.export, torch.jit.trace, litert-torch) held back."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
 def staged(output: Path) -> Iterator[Path]:
     """A temporary path beside ``output`` (a file or a folder) that is moved onto ``output`` when the block ends
     without an error; on an error it is removed and ``output`` is left as it was."""

@@ -21,7 +21,7 @@ from ..engine.runtimes import NCNN_METADATA as METADATA
 from ..engine.runtimes import NCNN_PARAM as PARAM
 from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
 from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged
+from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged, warnings_ignored
 
 
 def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:
@@ -40,8 +40,9 @@ def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:
 def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bool = False,
                 check_images: list[str | Path] | None = None) -> dict[str, Any]:
     """Trace ``model`` (fused) at batch 1 and ``imgsz``, convert it with pnnx into the folder ``output``, then
-    check it in ncnn against PyTorch on random and drawn images (float32 within 1e-3; ``half``: float16 weights
-    and storage, within the float16 bounds of ``checks``). The folder is written only when the check passed."""
+    check it in ncnn against PyTorch on random and drawn images (``checks.check_parity``: float32 within the ONNX
+    export's bounds; ``half``: float16 weights and storage, within the float16 bounds). The folder is written only
+    when the check passed."""
     require_ncnn()
     output = Path(output)
     if imgsz < 32 or imgsz % 32:
@@ -55,10 +56,7 @@ def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bo
     with tempfile.TemporaryDirectory(prefix="yolo_mobile_ncnn_") as tmp, staged(output) as partial:
         start = time.perf_counter()
         workdir = Path(tmp)
-        import warnings
-
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation note
+        with warnings_ignored(), torch.no_grad():  # torch.jit.trace's deprecation note
             torch.jit.trace(fused, x, check_trace=False).save(str(workdir / "model.pt"))
         _pnnx(workdir / "model.pt", imgsz, half, workdir)
         missing = unsupported_layers(workdir / PARAM)

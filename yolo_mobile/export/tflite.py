@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..engine.runtimes import TFLITE_METADATA, native_logs_filtered, require_tflite, tflite_interpreter, tflite_run
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged
+from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged, warnings_ignored
 from .onnx import ExportError
 
 # INT8 fails its check below half of PyTorch's mAP50-95: a broken quantization (a quantized decode rounds every
@@ -76,15 +76,6 @@ def _named_op(error: Exception) -> str:
 
     match = re.search(r"(aten\.\w+(?:\.\w+)?|tfl\.\w+)", str(error))
     return f" (operator {match.group(1)})" if match else ""
-
-
-@contextlib.contextmanager
-def warnings_ignored() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.export's and the converter's deprecation notes
-        yield
 
 
 def with_metadata(model_bytes: bytes, meta: dict[str, Any]) -> bytes:
