@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "yolo_mobile"
 # Lowest first. Modules of one layer may import each other; the models and the datasets stand beside each other
 # and import neither way.
 LAYERS = {
-    "base": ["version", "config", "registry", "resources", "_ultralytics"],
+    "base": ["version", "config", "registry", "resources", "files", "_ultralytics"],
     "models": ["layers", "backbones", "neck", "head", "detector", "loss"],
     "datasets": ["datasets"],
     "engine": ["engine"],

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..config import load_data_config
 from ..datasets.inference import LetterboxImages, collate_letterboxed
 from ..datasets.letterbox import unletterbox_boxes
+from ..files import write_text
 from .evaluator import COCOEvaluator
 from .memory import default_workers
 from .postprocess import non_max_suppression
@@ -87,8 +88,8 @@ def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str 
     results["skipped_images"] = skipped
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-        (save_dir / "results.txt").write_text(format_table(results) + "\n")
+        write_text(save_dir / "metrics.json", json.dumps(results, indent=2))
+        write_text(save_dir / "results.txt", format_table(results) + "\n")
         if save_json:
             evaluator.save_json(save_dir / "predictions.json")
     return results

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,26 +104,3 @@ def warnings_ignored() -> Iterator[None]:
         warnings.simplefilter("ignore")
         yield
 
-
-@contextlib.contextmanager
-def staged(output: Path) -> Iterator[Path]:
-    """A temporary path beside ``output`` (a file or a folder) that is moved onto ``output`` when the block ends
-    without an error; on an error it is removed and ``output`` is left as it was."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
-    _remove(partial)
-    try:
-        yield partial
-        _remove(output)
-        partial.replace(output)
-    except ExportError as e:
-        raise type(e)(f"{output}: {e}; nothing was written") from None
-    finally:
-        _remove(partial)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)

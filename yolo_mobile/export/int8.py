@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .. import files
 from .onnx import ExportError
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -219,8 +220,8 @@ def quantize_onnx(float_path: str | Path, output: str | Path, images: Sequence[n
             op = _named_op(e, quantized.graph)
             raise QuantizationError(f"{float_path}: ONNX Runtime cannot run the quantized graph"
                                     + (f" (operator {op})" if op else "") + f": {e}") from e
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staged), str(output))
+        with files.staged(output) as partial:
+            shutil.copyfile(staged, partial)
     ops = [n.op_type for n in quantized.graph.node]
     return {"path": output, "size_mb": output.stat().st_size / 2**20, "quantize_s": time.perf_counter() - start,
             "float_nodes": excluded, "quantize_linear": ops.count("QuantizeLinear"),
@@ -274,6 +275,7 @@ def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, c
     if calib_images < 1:
         raise ValueError(f"--calib-images must be at least 1, got {calib_images}")
     output = Path(output)
+    files.check_writable(output.parent)  # before the export, calibration and evaluation, not after
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="yolo_mobile_int8_") as tmp:
         calib, eval_data = calibration_split(data, calib_images, Path(tmp))
@@ -288,7 +290,7 @@ def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, c
             report["evaluated_on"] = f"{calib_images} train images held apart" if held_apart else "the val split"
         times = onnx_latency({"float": float_path, "int8": staged}, imgsz, runs=runs, warmup=3)
         report["ms_float"], report["ms_int8"] = times["float"]["median_ms"], times["int8"]["median_ms"]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staged), str(output))
+        with files.staged(output) as partial:
+            shutil.copyfile(staged, partial)
     report["path"] = output
     return report

@@ -21,7 +21,8 @@ from ..engine.runtimes import NCNN_METADATA as METADATA
 from ..engine.runtimes import NCNN_PARAM as PARAM
 from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
 from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged, warnings_ignored
+from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, warnings_ignored
+from .onnx import staged
 
 
 def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:

@@ -5,11 +5,12 @@ Uses the TorchScript-based exporter (``dynamo=False``): it needs no extra packag
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
+from .. import files
 from ..detector import class_names
 from ..engine.postprocess import class_aware_nms
 
@@ -139,16 +141,20 @@ def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: i
         raise ValueError(f"opset must be in {MIN_OPSET}..{max_opset()}, got {opset}")
     if output.is_dir():
         raise ValueError(f"{output}: is a folder; give the path of the .onnx file to write")
-    partial = output.with_name(f".{output.name}.partial")
-    try:
+    with staged(output) as partial:  # after a failed check (or any error): no half-checked file
         report = _export(model, partial, imgsz, batch, dynamic, opset, simplify, half, nms, max_det, conf, iou,
                          device, check_images)
-        partial.replace(output)
-    except ExportError as e:
-        raise ExportError(f"{output}: {e}; nothing was written") from None
-    finally:
-        partial.unlink(missing_ok=True)  # after a failed check (or any error): no half-checked file
     return {**report, "path": output}
+
+
+@contextlib.contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """:func:`yolo_mobile.files.staged` for an export: a failed check says that nothing was written."""
+    try:
+        with files.staged(output) as partial:
+            yield partial
+    except ExportError as e:
+        raise type(e)(f"{output}: {e}; nothing was written") from None
 
 
 def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: bool, opset: int, simplify: bool,
@@ -160,7 +166,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     from ..engine.device import select_device
     from ..version import __version__
 
-    dev = select_device(device)
+    dev = select_device(device, "export")
     if half and dev.type != "cuda":
         raise ValueError("--half export needs a CUDA device (fp16 convolutions do not run on the CPU)")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..engine.runtimes import TFLITE_METADATA, native_logs_filtered, require_tflite, tflite_interpreter, tflite_run
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged, warnings_ignored
-from .onnx import ExportError
+from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, warnings_ignored
+from .onnx import ExportError, staged
 
 # INT8 fails its check below half of PyTorch's mAP50-95: a broken quantization (a quantized decode rounds every
 # score to zero), not the point or two that calibration costs
