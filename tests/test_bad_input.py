@@ -269,7 +269,7 @@ def test_zero_frame_video_warns_and_leaves_no_folder(tmp_path, capsys, caplog, m
     monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.WARNING):
         code, out = _run(["detect", "--cfg", "yolov5n.yaml", "--source", plain, "--imgsz", "64"], capsys)
-    assert code == 0 and "0 frames" in out.out
+    assert code == 2 and "v.avi: no image or frame could be read" in out.err  # nothing was done: not a success
     assert any("v.avi: no frame could be read" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "runs" / "detect" / "exp").exists()
 

@@ -105,9 +105,10 @@ def cmd_val(args: argparse.Namespace) -> int:
 
     from .config import load_data_config
     from .datasets.synthetic import resolve_data
-    from .engine.device import next_run_dir, select_device
+    from .engine.device import select_device
     from .engine.evaluator import COCOEvaluator
     from .engine.validate import format_table, validate
+    from .files import check_writable, run_dir
 
     # everything the run needs is checked before any model is built or image read
     trained = _trained_model(args)
@@ -119,16 +120,18 @@ def cmd_val(args: argparse.Namespace) -> int:
     args.imgsz = _imgsz(args, trained)
     args.data = str(resolve_data(args.data))
     data = load_data_config(args.data)
+    check_writable(args.project)
     evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
-    device = select_device(args.device)
+    evaluator.check_ground_truth()
+    device = select_device(args.device, "val")
     if _exported(args.weights):
         model = _exported_for_val(args, data.nc, device)
     else:
         model = load_model_arg(args, nc=data.nc, names=data.names, trained=trained).to(device)
-    save_dir = next_run_dir(args.project, args.name)
-    results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
-                       iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
-                       workers=args.workers, save_dir=save_dir, save_json=args.save_json, evaluator=evaluator)
+    with run_dir(args.project, args.name) as save_dir:
+        results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
+                           iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
+                           workers=args.workers, save_dir=save_dir, save_json=args.save_json, evaluator=evaluator)
     print(format_table(results))
     keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
     print(json.dumps({k: round(results[k], 4) for k in keys}))
@@ -211,19 +214,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     import logging
 
-    from .engine.device import next_run_dir, select_device
+    from .engine.device import select_device
     from .engine.predictor import check_classes, detect, load_backend, resolve_source
+    from .files import check_writable, run_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     resolve_source(args.source)  # a missing or unreadable source fails before the model is built
-    device = select_device(args.device)
+    check_writable(args.project)
+    device = select_device(args.device, "detect")
     backend = load_backend(args.weights, args.cfg, device, args.half)
     check_classes(args.classes, backend.names)
     imgsz = _imgsz(args, backend)  # a TorchBackend of a checkpoint knows its training size
-    save_dir = next_run_dir(args.project, args.name)
-    stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
-                   max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
-                   save_json=args.save_json, show=args.show)
+    with run_dir(args.project, args.name) as save_dir:
+        stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
+                       max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
+                       save_json=args.save_json, show=args.show)
+    if not stats["frames"] and not stats["interrupted"]:  # every image or frame unreadable: nothing was done
+        raise ConfigError(f"{args.source}: no image or frame could be read ({stats['skipped']} unreadable); "
+                          "nothing was saved")
     ms = stats["ms_per_frame"]
     print(f"{stats['frames']} frames; per frame: {ms['pre']:.1f} ms pre-process, {ms['inference']:.1f} ms "
           f"inference, {ms['nms']:.1f} ms NMS, {ms['draw']:.1f} ms drawing and saving")
@@ -354,7 +362,7 @@ def _export_int8(args: argparse.Namespace, model, output: Path) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import BenchmarkConfig, format_markdown, run_benchmark, save_results
     from .config import list_builtin_models
-    from .engine.device import next_run_dir
+    from .files import check_writable, claim_run_dir
 
     config = BenchmarkConfig(cfgs=args.cfg or list_builtin_models(), imgsz=args.imgsz, batch=args.batch,
                              device=args.device, backends=args.backend, half=args.half, compile=args.compile,
@@ -362,8 +370,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                              train_batch=args.train_batch, runs=args.runs, warmup=args.warmup,
                              map_file=args.map)
     config.check()  # bad YAMLs, sizes, devices and files fail before the first model is built
+    check_writable(Path(args.out).parent if args.out else "runs/benchmark")
     rows = run_benchmark(config)
-    out = Path(args.out) if args.out else next_run_dir("runs/benchmark") / "results.md"
+    out = Path(args.out) if args.out else claim_run_dir("runs/benchmark") / "results.md"
     files = save_results(rows, out, config)
     print(format_markdown(rows))
     print("Wrote " + ", ".join(str(p) for p in files.values()))
@@ -596,6 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"yolo-mobile: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or protected folder...: the path and the cause in one line
+        if args.verbose:
+            raise
+        from .files import describe_os_error
+
+        print(f"yolo-mobile: error: {args.command}: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C in val, export, benchmark...: the shell's code for it, not a traceback
         if args.verbose:

@@ -35,6 +35,7 @@ import torch
 from ..config import IMAGE_SUFFIXES, default_names
 from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
+from ..files import write_text
 from ..resources import usable_cpus
 from .postprocess import non_max_suppression
 from .runtimes import is_ncnn_folder
@@ -128,6 +129,46 @@ class Source:
     fps: float = 30.0
     size: tuple[int, int] = (0, 0)  # video (width, height)
     frames: int = 0  # video frame count as the container says (0 for streams)
+    root: Path | None = None  # images: the folder their outputs' subfolders are taken relative to
+
+
+def _images_of(files: list[Path], where: str) -> list[Path]:
+    """The images among ``files``; videos among them are named in a warning, as a folder is read for images."""
+    videos = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+    if videos:
+        shown = ", ".join(str(v) for v in videos[:3]) + (", ..." if len(videos) > 3 else "")
+        log.warning("%s: %d video(s) left out (%s): a folder or pattern is read for its images; give each video as "
+                    "its own --source", where, len(videos), shown)
+    return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _common_folder(files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(f.parent.absolute()) for f in files]))
+
+
+def output_names(source: Source) -> dict[str, tuple[Path, Path]]:
+    """Image path -> (annotated image, label file), relative to the run folder: the image's path below the
+    source folder (so ``a/img.jpg`` and ``b/img.jpg`` keep a file each) and its label beside under ``labels/``;
+    two images that differ only in suffix (``img.jpg``, ``img.png``) get ``img.jpg.txt`` and ``img.png.txt``."""
+    if source.kind != "images":
+        return {}
+    root = (source.root or _common_folder(source.items)).absolute()
+    relative = {str(p): (p.absolute().relative_to(root) if p.absolute().is_relative_to(root) else Path(p.name))
+                for p in source.items}
+    stems: dict[Path, int] = {}
+    for rel in relative.values():
+        stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
+    names = {}
+    for path, rel in relative.items():
+        label = rel.with_suffix(".txt") if stems[rel.with_suffix("")] == 1 else rel.with_name(rel.name + ".txt")
+        names[path] = (rel, Path("labels") / label)
+    shared = sorted({str(rel.with_suffix("")) for rel in relative.values() if stems[rel.with_suffix("")] > 1})
+    if shared:
+        log.warning("%d image name(s) differ only in their suffix (%s): their label files keep the suffix "
+                    "(<name>.<suffix>.txt) so that none overwrites another", len(shared), ", ".join(shared[:3]))
+    if any(rel.parent != Path() for rel, _ in names.values()):
+        log.info("outputs mirror the subfolders of %s", root)
+    return names
 
 
 def resolve_source(source: str | int | Path) -> Source:
@@ -139,16 +180,15 @@ def resolve_source(source: str | int | Path) -> Source:
         return _open_capture(text, "stream", text)
     path = Path(text).expanduser()
     if any(ch in text for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True))
-        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        images = _images_of(sorted(Path(p) for p in glob.glob(text, recursive=True)), text)
         if not images:
             raise SourceError(f"{text}: the pattern matches no images")
-        return Source("images", images)
+        return Source("images", images, root=_common_folder(images))
     if path.is_dir():
-        images = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        images = _images_of(sorted(path.rglob("*")), str(path))
         if not images:
             raise SourceError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        return Source("images", images)
+        return Source("images", images, root=path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -583,10 +623,11 @@ def torch_threads(n: int | None):
 
 
 def _draw_and_save(r: Result, writer_args: tuple, state: dict, save_dir: Path, save: bool, show: bool,
-                   images: bool) -> None:
+                   output: Path | None) -> None:
     canvas = r.plot()
-    if save and images:
-        write_image(save_dir / Path(r.path).name, canvas)
+    if save and output is not None:
+        (save_dir / output).parent.mkdir(parents=True, exist_ok=True)
+        write_image(save_dir / output, canvas)
     elif save:
         if state.get("writer") is None:
             h, w = canvas.shape[:2]
@@ -625,9 +666,12 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
     bar = tqdm(total=total, unit="frame", desc="detect", disable=not progress, dynamic_ncols=True)
     timed = {"draw": 0.0, "labels": 0.0}  # seconds on the drawing thread, and on this one
 
+    outputs = output_names(src)
+
     def draw(r: Result, stem: str) -> None:
         t0 = time.perf_counter()
-        _draw_and_save(r, (save_dir / f"{stem}.mp4", src.fps), state, save_dir, save, show, src.kind == "images")
+        output = outputs[r.path][0] if src.kind == "images" else None
+        _draw_and_save(r, (save_dir / f"{stem}.mp4", src.fps), state, save_dir, save, show, output)
         timed["draw"] += time.perf_counter() - t0
 
     behind = _Behind(1 if overlap and not show else 0)
@@ -641,14 +685,13 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
             for r in predict(backend, source, imgsz, conf, iou, max_det, classes, batch, stats, resolved=src,
                              rect=rect, prefetch=1 if overlap else 0, workers=workers or 1):
                 stem = Path(r.path).stem if src.kind != "stream" else "stream"
-                name = stem if r.frame is None else f"{stem}_{r.frame}"
                 if save or show:
                     behind.submit(draw, r, stem)
                 t0 = time.perf_counter()
                 if save_txt:
-                    (save_dir / "labels").mkdir(exist_ok=True)
-                    (save_dir / "labels" / f"{name}.txt").write_text("\n".join(r.yolo_lines())
-                                                                     + ("\n" if len(r) else ""))
+                    label = outputs[r.path][1] if r.frame is None else Path("labels") / f"{stem}_{r.frame}.txt"
+                    (save_dir / label).parent.mkdir(parents=True, exist_ok=True)
+                    write_text(save_dir / label, "\n".join(r.yolo_lines()) + ("\n" if len(r) else ""))
                 if save_json:
                     records += [{"image": r.path, "frame": r.frame, "class": int(c), "name": r.names[int(c)],
                                  "score": round(float(s), 5), "box_xyxy": [round(v, 2) for v in b]}
@@ -670,7 +713,7 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
                 if show:
                     cv2.destroyAllWindows()
     if save_json:
-        (save_dir / "predictions.json").write_text(json.dumps(records))
+        write_text(save_dir / "predictions.json", json.dumps(records))
     if not stats.get("frames") and not interrupted:
         log.warning("%s: no %s could be read, so nothing was saved", source,
                     "image" if src.kind == "images" else "frame")

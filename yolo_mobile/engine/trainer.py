@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -35,10 +36,11 @@ from ..datasets.plots import plot_batch
 from ..datasets.sampler import MultiScaleBatchSampler
 from ..datasets.synthetic import resolve_data
 from ..detector import Detector, build_model, pretrained_weights
+from ..files import check_writable, claim_run_dir, write_text, write_with
 from ..loss import DetectionLoss
 from ..resources import GiB, available_bytes, resident_bytes
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
-from .device import next_run_dir, select_device
+from .device import select_device
 from .evaluator import COCOEvaluator
 from .memory import WORKER_BYTES, default_workers, largest_batch, measure_step, random_targets
 from .validate import validate
@@ -285,9 +287,13 @@ class Trainer:
             if changes is None:
                 changes = {k: getattr(config, k) for k in RESUMABLE} if config is not None else {}
             config = resume_config(saved, changes, resume)
+            if int(self.checkpoint["epoch"]) + 1 >= config.epochs:  # said before any data is read
+                raise ConfigError(f"{resume}: training already finished ({config.epochs} epochs); give --epochs "
+                                  "with a larger number to train on")
         if config is None:
             raise ConfigError("Trainer needs a TrainConfig or a checkpoint to resume")
         self.config = config
+        self.resume_dir = self._resume_dir() if self.checkpoint is not None else None
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -343,14 +349,41 @@ class Trainer:
         return f"{where}, before the first checkpoint: nothing was saved"
 
     def _remove_unsaved_run(self) -> None:
-        """A new run's folder goes when it holds no checkpoint (a stop before epoch 1 ended, or an error)."""
-        if self.main and self.save_dir is not None and self.checkpoint is None and self.save_dir.is_dir() \
+        """A run folder this run made goes when it holds no checkpoint (a stop before epoch 1 ended, or an
+        error)."""
+        if self.main and self.save_dir is not None and self.save_dir != self.resume_dir and self.save_dir.is_dir() \
                 and not any((self.save_dir / "weights").glob("*.pt")):
             shutil.rmtree(self.save_dir, ignore_errors=True)
+
+    def _resume_dir(self) -> Path | None:
+        """The run folder a resumed checkpoint belongs to: ``<run>/weights/<file>.pt`` with ``<run>/args.yaml``.
+        None for a checkpoint anywhere else (a download, a copy): its grandparent is nobody's run, and the
+        resumed run gets a new folder instead. Refuses a ``best.pt`` behind its run's ``last.pt``: resuming it
+        would overwrite the later epochs."""
+        path = self.resume_from.resolve()
+        run = path.parent.parent
+        if path.parent.name != "weights" or not (run / "args.yaml").is_file():
+            return None
+        last = path.parent / "last.pt"
+        if path != last and last.is_file():
+            last_epoch = load_checkpoint(last).get("epoch")
+            if last_epoch is not None and int(last_epoch) > int(self.checkpoint["epoch"]):
+                raise ConfigError(
+                    f"{self.resume_from}: epoch {int(self.checkpoint['epoch']) + 1} of a run whose last.pt is at epoch "
+                    f"{int(last_epoch) + 1}; resuming it would overwrite last.pt with a rewound run. Resume {last}, "
+                    f"or copy {path.name} out of {path.parent} to start a new run folder from it")
+        return run
+
+    def _check_outputs(self) -> None:
+        """A run folder that cannot be written is said before any data is read or memory probed."""
+        c = self.config
+        check_writable(self.resume_dir if self.resume_dir is not None else Path(c.project))
 
     # ------------------------------------------------------------------------------------------ before_train
     def before_train(self) -> None:
         c = self.config
+        if self.main:
+            self._check_outputs()
         if self.world_size > 1:
             cuda = c.device not in ("cpu",) and torch.cuda.is_available()
             if cuda:
@@ -380,6 +413,12 @@ class Trainer:
         # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
         self.evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False) if (
             c.val and self.main) else None
+        if self.evaluator is not None:
+            try:
+                self.evaluator.check_ground_truth()
+            except ConfigError as e:  # training itself does not need it: go on, and say loudly why no mAP
+                log.warning("%s; training goes on without validation (--no-val says so)", e)
+                self.evaluator = None
 
         model = build_model(model_config, nc=data.nc, pretrained=weights is not None)
         model.names = list(data.names)
@@ -434,14 +473,14 @@ class Trainer:
         self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
 
         if self.main:
-            if self.checkpoint is not None:
-                self.save_dir = self.resume_from.resolve().parent.parent
-            else:
-                self.save_dir = next_run_dir(c.project, c.name)
+            self.save_dir = self.resume_dir or claim_run_dir(c.project, c.name)
+            if self.checkpoint is not None and self.resume_dir is None:
+                log.warning("%s is not in the weights/ folder of a run (no args.yaml beside that folder): the resumed "
+                            "run continues in a new run folder, %s", self.resume_from, self.save_dir)
             (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
             resolved = {**dataclasses.asdict(c), "data": str(self.data_yaml), "lr0": lr0,
                         "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
-            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            write_text(self.save_dir / "args.yaml", yaml.safe_dump(resolved, sort_keys=False))
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, %d workers, "
                      "device %s", c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
@@ -558,8 +597,6 @@ class Trainer:
         self.warmup_images = int(ckpt.get("warmup_images", self.warmup_images))
         self.best_fitness = float(ckpt.get("best_fitness", -math.inf))
         self.history = list(ckpt.get("history") or [])
-        if self.start_epoch >= self.config.epochs:
-            raise ConfigError(f"{self.resume_from}: training already finished ({self.config.epochs} epochs)")
         if self.main:
             log.info("resuming %s at epoch %d", self.resume_from, self.start_epoch + 1)
 
@@ -717,12 +754,18 @@ class Trainer:
                    **{f"lr/pg{j}": lr for j, lr in enumerate(epoch_lrs)},
                    **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
                    "fitness": score, "skipped_steps": self.skipped_steps, "amp_overflows": self.amp_overflows}
-            self.history.append(row)
+            self.history.append(row)  # the checkpoints carry the history, this row included
+            best = self.best_fitness
+            try:
+                if score >= self.best_fitness:  # ties go to the later, longer-trained epoch
+                    self.best_fitness = score
+                    self._save("best.pt", epoch, metrics)
+                self._save("last.pt", epoch, metrics)
+            except BaseException:  # results.csv lists only epochs whose checkpoint is safely written
+                self.history.pop()
+                self.best_fitness = best
+                raise
             self._write_results()
-            if score >= self.best_fitness:  # ties go to the later, longer-trained epoch
-                self.best_fitness = score
-                self._save("best.pt", epoch, metrics)
-            self._save("last.pt", epoch, metrics)
             if metrics:
                 log.info("epoch %d: mAP50-95 %.4f mAP50 %.4f, %.1f img/s", epoch + 1, metrics["map"],
                          metrics["map50"], row["images_per_s"])
@@ -748,11 +791,11 @@ class Trainer:
                                "warmup_images": self.warmup_images})
 
     def _write_results(self) -> None:
-        path = self.save_dir / "results.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.history[-1]), extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows(self.history)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(self.history[-1]), extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text(self.save_dir / "results.csv", table.getvalue())
         plot_results(self.history, self.save_dir / "results.png")
 
     # ----------------------------------------------------------------------------------------- after_train
@@ -765,6 +808,10 @@ class Trainer:
         print(f"\n{self.config.epochs - self.start_epoch} epochs in {hours:.3f} h; "
               f"best mAP50-95 {max((r['metrics/map'] for r in self.history), default=float('nan')):.4f}; "
               f"weights in {self.save_dir / 'weights'}")
+        unreadable = int(self.dataset.unreadable.sum())
+        if unreadable:
+            print(f"{unreadable} training image(s) became unreadable during the run and were skipped (warned once "
+                  "each above)")
         return self.save_dir, final
 
 
@@ -785,7 +832,7 @@ def plot_results(history: list[dict[str, Any]], path: Path) -> None:
         ax.plot(epochs, [r[key] for r in history], marker="o", markersize=3)
         ax.set_title(key)
         ax.set_xlabel("epoch")
-    fig.savefig(path, dpi=100)
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def train(cfg: str = "mobilenetv3_large.yaml", data: str | None = "shapes", resume: str | Path | None = None,
