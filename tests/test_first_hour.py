@@ -271,7 +271,7 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_empty_folder(shapes, tmp_path, 
 
     cmd = [sys.executable, "-m", "yolo_mobile", "train", "--cfg", "yolov5n.yaml", "--data", str(shapes), "--epochs",
            "50", "--imgsz", "64", "--batch", "2", "--workers", workers, "--no-val", "--project", str(tmp_path),
-           "--name", "s"]
+           "--name", "s", "--device", "cpu"]  # on a GPU, epoch 1 could end inside the one-second sleep below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 120

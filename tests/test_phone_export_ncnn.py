@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from phone_families import FAMILIES, family_cfg
+from phone_families import FAMILIES, check_val_of_export, family_cfg
 from test_deploy import lively
 
 pytest.importorskip("pnnx", reason="the ncnn extra is not installed: pip install -e '.[ncnn]'")
@@ -113,10 +113,8 @@ def test_cli_half_then_detect(tmp_path, capsys):
 
 
 def test_val_runs_the_export(converted, tmp_path, capsys):
-    weights = converted("cspdarknet")[1]["path"]
-    assert main(["val", "--weights", str(weights), "--data", str(resolve_data("shapes:16")), "--project",
-                 str(tmp_path), "--workers", "0"]) == 0
-    assert '"map":' in capsys.readouterr().out
+    model, report, _ = converted("cspdarknet")
+    check_val_of_export(fused_copy(model), report["path"], resolve_data("shapes:16"), tmp_path, capsys, SIZE)
 
 
 def test_benchmark_latency_column(converted):
