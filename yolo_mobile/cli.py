@@ -428,7 +428,7 @@ def add_dataclass_flags(p: argparse.ArgumentParser, klass: type) -> None:
                            help=f"skip: {f.metadata['help']}" if off else f.metadata["help"])
         else:
             p.add_argument(f"--{flag}", type=kind, choices=f.metadata.get("choices"),
-                           help=f.metadata["help"] + default)
+                           metavar=f.metadata.get("metavar"), help=f.metadata["help"] + default)
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
