@@ -228,7 +228,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     with run_dir(args.project, args.name) as save_dir:
         stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
                        max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
-                       save_json=args.save_json, show=args.show)
+                       save_json=args.save_json, show=args.show, drop_frames=args.drop_frames)
     if not stats["frames"] and not stats["interrupted"]:  # every image or frame unreadable: nothing was done
         raise ConfigError(f"{args.source}: no image or frame could be read ({stats['skipped']} unreadable); "
                           "nothing was saved")
@@ -237,6 +237,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
           f"inference, {ms['nms']:.1f} ms NMS, {ms['draw']:.1f} ms drawing and saving")
     if stats["skipped"]:
         print(f"Skipped {stats['skipped']} unreadable image(s) or frame(s)")
+    if stats.get("drop_frames"):
+        print(f"{stats['read_frames']} frames read, {stats['frames']} processed, {stats['dropped']} dropped (the "
+              "newest frame is processed, stale ones dropped; --keep-frames processes every frame)")
     if stats["frames"]:  # frames are processed in overlapping threads: the wall clock is the honest rate
         h, w = stats["shape"]
         print(f"{stats['frames'] / max(stats['wall'], 1e-9):.1f} frames/s over {stats['wall']:.1f} s wall at "
@@ -437,7 +440,7 @@ def add_dataclass_flags(p: argparse.ArgumentParser, klass: type) -> None:
                            help=f"skip: {f.metadata['help']}" if off else f.metadata["help"])
         else:
             p.add_argument(f"--{flag}", type=kind, choices=f.metadata.get("choices"),
-                           help=f.metadata["help"] + default)
+                           metavar=f.metadata.get("metavar"), help=f.metadata["help"] + default)
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -513,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-txt", action="store_true", help="YOLO labels with confidences, one file per image/frame")
     p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
     p.add_argument("--show", action="store_true", help="show frames in a window")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--drop-frames", dest="drop_frames", action="store_true", default=None,
+                        help="process the newest frame, drop stale ones (the default for webcams and streams); on a "
+                             "video file, read it at its frame rate as a camera would deliver it")
+    frames.add_argument("--keep-frames", dest="drop_frames", action="store_false",
+                        help="process every frame, however far behind (the default for files)")
     p.add_argument("--project", default="runs/detect")
     p.add_argument("--name", default="exp")
     p.set_defaults(func=cmd_detect)

@@ -10,6 +10,11 @@ largest width of their rectangles (never more than the square). Video frames sta
 decoding to the saved video; ``Result.image`` (RGB) is converted on first use. Reading and letterboxing run one
 batch ahead on a worker thread, drawing and writing one frame behind on another, while the model runs: OpenCV and
 torch release the GIL, so decoding and encoding overlap the forward pass.
+
+A live source (a webcam or a stream) is read on its own thread as fast as it delivers, and only the newest frame
+is kept: the model always gets the latest frame and stale ones are dropped and counted, so the lag stays bounded
+however slow the model is. Files keep every frame. ``drop_frames`` overrides either way; on a video file it also
+paces reading at the file's frame rate, as a camera would deliver it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -238,11 +244,13 @@ def _open_capture(target: str | int, kind: str, label: str) -> Source:
 Frame = tuple[np.ndarray, str, "int | None", bool]  # (image, path or URL, frame index, is BGR)
 
 
-def read_frames(source: Source, stats: dict[str, Any]) -> Iterator[Frame]:
+def read_frames(source: Source, stats: dict[str, Any], realtime: bool = False) -> Iterator[Frame]:
     """(image, path or URL, frame index, is BGR): images are read as RGB, video and stream frames stay BGR as
     OpenCV decodes them; unreadable images and frames are skipped and counted. Seconds spent reading add up in
-    ``stats["read"]``."""
+    ``stats["read"]``, frames read in ``stats["read_frames"]``. ``realtime``: a video file is read no faster than
+    its frame rate, as a camera delivers frames."""
     stats.setdefault("read", 0.0)
+    stats.setdefault("read_frames", 0)
     if source.kind == "images":
         for p in source.items:
             t0 = time.perf_counter()
@@ -254,12 +262,16 @@ def read_frames(source: Source, stats: dict[str, Any]) -> Iterator[Frame]:
                 continue
             finally:
                 stats["read"] += time.perf_counter() - t0
+            stats["read_frames"] += 1
             yield image, str(p), None, False
         return
     cap = _capture(source.items[0])
     index, misses = 0, 0
+    start = time.perf_counter()
     try:
         while True:
+            if realtime and source.kind == "video":
+                time.sleep(max(0.0, start + (index + misses) / source.fps - time.perf_counter()))
             t0 = time.perf_counter()
             ok, frame = cap.read()
             stats["read"] += time.perf_counter() - t0
@@ -270,10 +282,77 @@ def read_frames(source: Source, stats: dict[str, Any]) -> Iterator[Frame]:
                     stats["skipped"] += 1
                     continue
                 break
+            stats["read_frames"] += 1
             yield frame, str(source.items[0]), index, True
             index += 1
     finally:
         cap.release()
+
+
+class _NewestFrame:
+    """Reads ``frames`` on its own thread as fast as they come, holding only the newest ``keep``: an older held
+    frame is dropped (counted in ``stats["dropped"]``) when a new one arrives, so a slow consumer always gets a
+    frame at most ``keep`` frames old when it takes one."""
+
+    def __init__(self, frames: Iterator[Frame], stats: dict[str, Any], keep: int = 1) -> None:
+        self.frames, self.stats = frames, stats
+        self.held: deque[Frame] = deque()
+        self.keep = keep
+        self.changed = threading.Condition()
+        self.done, self.stop, self.error = False, False, None
+        self.thread = threading.Thread(target=self._read, name="yolo-mobile-live", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for item in self.frames:
+                with self.changed:
+                    if self.stop:
+                        break
+                    self.held.append(item)
+                    while len(self.held) > self.keep:
+                        self.held.popleft()
+                        self.stats["dropped"] += 1
+                    self.changed.notify()
+        except BaseException as e:  # handed to the consumer, which raises it
+            self.error = e
+        finally:
+            close = getattr(self.frames, "close", None)
+            if callable(close):  # the reading thread closes its own generator (releases the capture)
+                close()
+            with self.changed:
+                self.done = True
+                self.changed.notify()
+
+    def take(self) -> Frame | None:
+        """The newest frame (waiting for one), or None when the source has ended."""
+        with self.changed:
+            while not self.held and not self.done:
+                self.changed.wait()
+            if self.held:
+                return self.held.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
+
+    def close(self, wait: float = 5.0) -> None:
+        """Stop reading; a read blocked in a stalled stream is left to end on its own after ``wait`` seconds."""
+        with self.changed:
+            self.stop = True
+            self.stats["dropped"] += len(self.held)  # read, never processed
+            self.held.clear()
+        self.thread.join(wait)
+
+
+def newest_frames(frames: Iterator[Frame], stats: dict[str, Any], keep: int = 1) -> Iterator[Frame]:
+    """``frames`` read ahead on a thread, each item taken being the newest read (see ``_NewestFrame``)."""
+    stats.setdefault("dropped", 0)
+    reader = _NewestFrame(frames, stats, keep)
+    try:
+        while (item := reader.take()) is not None:
+            yield item
+    finally:
+        reader.close()
 
 
 def _run_ahead(items: Iterator, depth: int = 1) -> Iterator:
@@ -512,7 +591,7 @@ def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
 def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7,
             max_det: int = 300, classes: list[int] | None = None, batch: int = 1,
             stats: dict[str, Any] | None = None, resolved: Source | None = None, rect: bool = True,
-            prefetch: int = 1, workers: int = 1) -> Iterator[Result]:
+            prefetch: int = 1, workers: int = 1, drop_frames: bool | None = None) -> Iterator[Result]:
     """Yield one Result per image or frame, in order. ``stats`` (if given) collects counts and per-stage seconds
     (summed per call: with ``prefetch`` or ``workers`` the stages overlap, so they add up to more than the wall time).
 
@@ -521,10 +600,17 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
     ``workers``: for a video or stream (every batch the same shape), batches run through ``backend`` (and NMS) on
     this many threads at once; the backend must be thread-safe (``TorchBackend`` and ``OnnxBackend`` are), and
     workers x torch threads should not exceed the CPUs (``detect`` sets both). Images run one batch at a time.
+    ``drop_frames``: process the newest frame and drop stale ones (default: for webcams and streams, not files;
+    see ``live_drops``); ``stats`` then counts frames read, processed ("frames") and dropped.
     """
     stats = stats if stats is not None else {}
-    stats.update({"frames": 0, "skipped": 0, "boxes": 0, "read": 0.0, "pre": 0.0, "inference": 0.0, "nms": 0.0})
+    stats.update({"frames": 0, "skipped": 0, "boxes": 0, "read": 0.0, "pre": 0.0, "inference": 0.0, "nms": 0.0,
+                  "read_frames": 0, "dropped": 0})
     src = resolved or resolve_source(source)
+    drop = live_drops(src, drop_frames)
+    stats["drop_frames"] = drop
+    if drop:
+        prefetch = 0  # a batch letterboxed ahead would wait for the model and grow stale
     size = backend.imgsz or imgsz
     if size % 32:
         raise ValueError(f"imgsz must be a multiple of 32, got {size}")
@@ -535,7 +621,10 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
     workers = 1 if src.kind == "images" else max(1, workers)
 
     def prepared():
-        with contextlib.closing(_batches(read_frames(src, stats), batch)) as batches:
+        frames = read_frames(src, stats, realtime=drop)
+        if drop:
+            frames = newest_frames(frames, stats)
+        with contextlib.closing(_batches(frames, batch)) as batches:
             for items in batches:
                 t0 = time.perf_counter()
                 shape = input_shape((img.shape[:2] for img, *_ in items), size, stride, rect=not square)
@@ -595,6 +684,14 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
             pool.shutdown(wait=True)
 
 
+def live_drops(source: Source, drop_frames: bool | None = None) -> bool:
+    """Whether ``predict`` drops stale frames: ``drop_frames`` if given (images never drop), else for a live
+    source (webcam, stream) only: a file waits for the model, a camera does not."""
+    if source.kind == "images":
+        return False
+    return source.kind == "stream" if drop_frames is None else drop_frames
+
+
 def detect_parallelism(backend, source: Source) -> tuple[int, int | None]:
     """(inference workers, torch threads) for ``detect``: a video or stream on the CPU through our PyTorch backend
     runs two frames at once, each on half the usable CPUs (2 cores: 1 thread each). Measured on a 2-core CPU
@@ -643,14 +740,14 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
            iou: float = 0.7, max_det: int = 300, classes: list[int] | None = None, batch: int = 1,
            save: bool = True, save_txt: bool = False, save_json: bool = False, show: bool = False,
            progress: bool = True, rect: bool = True, threads: int | None = None, workers: int | None = None,
-           overlap: bool = True) -> dict[str, Any]:
+           overlap: bool = True, drop_frames: bool | None = None) -> dict[str, Any]:
     """Run ``predict`` and write annotated images or a video, labels and JSON under ``save_dir``.
 
     ``workers``, ``threads``: batches run at once and torch intra-op threads while this runs (default
     ``detect_parallelism``; the caller's thread count is restored afterwards; ``threads`` alone keeps one worker).
     ``overlap``: read and letterbox ahead, and draw and write behind, on worker threads
     (``show`` draws on the calling thread, as GUI calls must). Ctrl-C stops cleanly: a video written so far is
-    closed and stays playable.
+    closed and stays playable. ``drop_frames``: as in ``predict`` (default: live sources drop stale frames).
     """
     from tqdm import tqdm
 
@@ -683,7 +780,8 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
     with torch_threads(threads):
         try:
             for r in predict(backend, source, imgsz, conf, iou, max_det, classes, batch, stats, resolved=src,
-                             rect=rect, prefetch=1 if overlap else 0, workers=workers or 1):
+                             rect=rect, prefetch=1 if overlap else 0, workers=workers or 1,
+                             drop_frames=drop_frames):
                 stem = Path(r.path).stem if src.kind != "stream" else "stream"
                 if save or show:
                     behind.submit(draw, r, stem)

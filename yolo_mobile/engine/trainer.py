@@ -96,6 +96,9 @@ class TrainConfig:
     max_skipped_steps: int = 20  # stop after this many optimizer steps in a row with a non-finite loss/gradient
     amp: bool = True  # on CUDA only
     ema_decay: float = 0.9999
+    freeze: str | int | None = flag(None, "hold the backbone (weights and BatchNorm statistics) for the first N "
+                                          "epochs, or for the whole run with 'backbone'; 0: none (see "
+                                          "docs/fine-tuning.md)", metavar="N|backbone")
     # loss gains
     box: float = 7.5
     cls: float = 0.5
@@ -148,6 +151,19 @@ class TrainConfig:
             raise ConfigError(f"close_mosaic must be 0 or more, got {self.close_mosaic}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+        self.frozen_epochs()  # raises on a bad --freeze
+
+    def frozen_epochs(self) -> float:
+        """Epochs the backbone is held for: 0 (none), N, or infinity for ``freeze: backbone``."""
+        value = self.freeze
+        if value is None:
+            return 0
+        if isinstance(value, str) and value.strip().lower() == "backbone":
+            return math.inf
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit():
+            raise ConfigError(f"freeze must be a number of epochs (0 or more) or 'backbone', got {value!r}")
+        return int(text)
 
     def _check_numbers(self) -> None:
         """Every number must be finite and in its range before anything runs: a NaN learning rate would train
@@ -399,6 +415,9 @@ class Trainer:
         # edited YAML must not change it silently
         model_config = load_model_config(self.checkpoint["config"] if self.checkpoint else c.cfg)
         weights = pretrained_weights(model_config, False if self.checkpoint else (c.pretrained or True))
+        if weights is None and self.checkpoint is None and c.frozen_epochs() and self.main:
+            log.warning("--freeze %s with no pretrained backbone weights (--pretrained FILE, or the YAML's "
+                        "backbone.pretrained): the backbone is held at its random initialisation", c.freeze)
 
         self.data_yaml = resolve_data(c.data).resolve() if self.main else None
         if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
@@ -457,6 +476,8 @@ class Trainer:
         self.skipped_steps, self.amp_overflows = 0, 0  # per epoch, in results.csv
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
+        self.backbone_frozen = False
+        self._freeze_backbone(self.start_epoch)  # before DDP wraps the model: it reduces what needs a gradient
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.local_rank] if self.cuda else None)
@@ -610,7 +631,42 @@ class Trainer:
             self.dataset.mosaic = False
             self.loader = self._make_loader()  # persistent workers hold a copy of the dataset
         self.sampler.set_epoch(epoch)
+        self._freeze_backbone(epoch)
         self.model.train()
+        if self.backbone_frozen:  # held BatchNorm statistics (and no dropout) in a frozen backbone
+            self.model_unwrapped.backbone.eval()
+
+    def _freeze_backbone(self, epoch: int) -> None:
+        """--freeze: while ``epoch`` is below it, the backbone's weights take no gradient, so the optimizer (whose
+        groups hold every weight, built before this) skips them: no step, no weight decay, no momentum; the EMA
+        copy of the backbone is held equal to them. Under DDP the wrapper is rebuilt when this changes, as it
+        fixes at construction which weights it reduces."""
+        frozen = epoch < self.config.frozen_epochs()
+        if frozen == self.backbone_frozen:
+            return
+        self.backbone_frozen = frozen
+        for p in self.model_unwrapped.backbone.parameters():
+            p.requires_grad_(not frozen)
+        if self.main:
+            if not frozen:
+                log.info("epoch %d: backbone unfrozen (--freeze %s); its weights and BatchNorm statistics train from "
+                         "here on", epoch + 1, self.config.freeze)
+            elif math.isinf(self.config.frozen_epochs()):
+                log.info("backbone frozen for the whole run (--freeze backbone): weights and BatchNorm statistics held")
+            else:
+                log.info("backbone frozen (weights and BatchNorm statistics held) until the end of epoch %d "
+                         "(--freeze %s)", self.config.frozen_epochs(), self.config.freeze)
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model_unwrapped, device_ids=[self.local_rank] if self.cuda else None)
+
+    def _hold_ema_backbone(self) -> None:
+        """The EMA's backbone equal to the frozen one, bit for bit (an average of equal numbers may round)."""
+        held = self.model_unwrapped.backbone.state_dict()
+        with torch.no_grad():
+            for k, v in self.ema.ema.backbone.state_dict().items():
+                if v.is_floating_point():
+                    v.copy_(held[k])
 
     def train_one_epoch(self, epoch: int) -> None:
         c = self.config
@@ -708,6 +764,8 @@ class Trainer:
             self.consecutive_skips = 0
             if self.ema is not None:
                 self.ema.update(model=self.model_unwrapped)
+                if self.backbone_frozen:
+                    self._hold_ema_backbone()
             level = self.loss_watch.update(loss)
             if level is not None and not self.loss_warned and self.main:
                 self.loss_warned = True  # once per epoch
