@@ -105,3 +105,12 @@ def test_light_options_refuse_bad_values_with_the_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match=rf"{path}:3: {message}"):
         load_model_config(path)
 
+
+def test_every_lite_model_has_the_light_neck_and_head():
+    lite = [m for m in list_builtin_models() if m.endswith("_lite.yaml")]
+    assert {"mobilenetv3_small_lite.yaml", "mobilenetv3_large_lite.yaml", "emo_1m_lite.yaml",
+            "mobilevit_xxs_lite.yaml", "fastvit_t8_lite.yaml", "mobile_former_96m_lite.yaml"} <= set(lite)
+    for name in lite:
+        config = load_model_config(name)
+        full = load_model_config(name.replace("_lite", ""))
+        assert config.backbone == full.backbone and config.neck.depthwise and config.head.channels > 0

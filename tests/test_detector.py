@@ -8,6 +8,7 @@ from yolo_mobile import build_model
 from yolo_mobile.config import list_builtin_models
 
 MODELS = list_builtin_models()
+LITE_MODELS = [m for m in MODELS if m.endswith("_lite.yaml")]  # light neck and head: also a training step below
 
 
 def n_anchors(h: int, w: int) -> int:
