@@ -152,13 +152,42 @@ def test_cli_benchmark_writes_files(tmp_path, capsys):
     assert "multiple of 32, got 100" in capsys.readouterr().err
 
 
-def test_profile_script_labels_convolutions_by_kind(tmp_path):
+def test_cli_and_api_measure_the_same_by_default():
+    """`yolo-mobile benchmark` with no flags asks for what BenchmarkConfig does: every flag named after one of its
+    fields (--backend: backends, --map: map_file) defaults to that field's default."""
+    import dataclasses
+
+    from yolo_mobile.cli import build_parser
+
+    args = vars(build_parser().parse_args(["benchmark"]))
+    api = BenchmarkConfig(cfgs=[])
+    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)} - {"cfgs"}
+    flags = {field: {"backends": "backend", "map_file": "map"}.get(field, field) for field in fields}
+    assert set(flags.values()) <= set(args)
+    assert {field: args[flag] for field, flag in flags.items()} == {field: getattr(api, field) for field in fields}
+    assert "onnxruntime-int8" in args["backend"]
+
+
+def profile_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("profile_model", Path(__file__).parents[1] / "scripts" /
                                                   "profile_model.py")
     profile_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_model)
+    return profile_model
+
+
+def test_profile_script_sums_by_module():
+    module_of = profile_script().module_of
+    assert module_of("/neck/td4/cv1/conv/Conv_kernel_time", 1) == "neck"
+    assert module_of("/neck/td4/cv1/conv/Conv_kernel_time", 2) == "neck.td4"
+    assert module_of("/head/Softmax_kernel_time", 2) == "head: decode"
+    assert module_of("Sub_kernel_time", 1) == "other"
+
+
+def test_profile_script_labels_convolutions_by_kind(tmp_path):
+    profile_model = profile_script()
     convs = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
                                 torch.nn.Conv2d(8, 32, 3, padding=1, groups=8), torch.nn.Conv2d(32, 16, 1, groups=4))
     path = tmp_path / "convs.onnx"
