@@ -14,6 +14,7 @@ from yolo_mobile.benchmark import (
     UltralyticsDetector,
     format_markdown,
     peak_forward_memory_mb,
+    plot_points,
     read_map_file,
     run_benchmark,
     save_results,
@@ -78,6 +79,22 @@ def test_map_file_plot_and_errors(benchmark_rows, tmp_path):
     (tmp_path / "cols.csv").write_text("name,score\n")
     with pytest.raises(ConfigError, match="'model' and 'mAP50-95'"):
         read_map_file(tmp_path / "cols.csv")
+
+
+def test_plot_has_float_and_int8_markers_against_gflops_and_map(benchmark_rows):
+    _, result = benchmark_rows
+    points = plot_points(result)
+    for r in result:
+        mine = {(p.kind, p.x, p.y) for p in points if p.imgsz == r["imgsz"]}
+        assert mine == {("float", r["gflops"], r["ort_ms"]), ("int8", r["gflops"], r["ort_int8_ms"])}
+    assert {p.panel for p in points} == {"gflops"}
+    # with scores: the float model's and, under "name int8", its INT8 file's; a model without a score is left out
+    rows = [*result, {**result[0], "model": "ultralytics yolov8n", "source": "ultralytics"}]
+    scored = [p for p in plot_points(rows, {"yolov5n": 0.3, "yolov5n int8": 0.29}) if p.panel == "map"]
+    assert {(p.model, p.kind, p.x, p.y) for p in scored if p.imgsz == 64} == {
+        ("yolov5n", "float", result[0]["ort_ms"], 0.3), ("yolov5n", "int8", result[0]["ort_int8_ms"], 0.29)}
+    torch_only = [{k: v for k, v in r.items() if not k.startswith("ort")} for r in result]
+    assert {(p.kind, p.y) for p in plot_points(torch_only)} == {("float", r["torch_ms"]) for r in result}
 
 
 @pytest.mark.parametrize("kwargs, message", [

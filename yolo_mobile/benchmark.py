@@ -471,41 +471,94 @@ def latency_key(rows: Iterable[dict[str, Any]]) -> str:
     return "ort_ms" if any(r.get("ort_ms") is not None for r in rows) else "torch_ms"
 
 
+@dataclass
+class PlotPoint:
+    """One marker of the benchmark plot: a model's float or INT8 file at one size on one panel."""
+
+    panel: str  # "gflops" (latency against GFLOPs) or "map" (mAP50-95 against latency)
+    imgsz: int
+    model: str  # without the "ultralytics " prefix
+    source: str  # yolo-mobile or ultralytics
+    kind: str  # "float" or "int8"
+    x: float
+    y: float
+
+
+def map_score(scores: dict[str, float], model: str, kind: str) -> float | None:
+    """A model's mAP50-95 from a ``--map`` file: ``name`` for the float model, ``name int8`` (or ``name-int8``,
+    ``name_int8``) for its INT8 file."""
+    if kind == "float":
+        return scores.get(model)
+    return next((scores[k] for k in (f"{model} int8", f"{model}-int8", f"{model}_int8") if k in scores), None)
+
+
+def plot_points(rows: list[dict[str, Any]], map_scores: dict[str, float] | None = None) -> list[PlotPoint]:
+    """What the plot draws: every row's float latency (ONNX Runtime's when measured, else eager PyTorch's) and,
+    where measured, its ONNX Runtime INT8 latency, against GFLOPs; with ``map_scores``, the models that have a
+    score again as mAP50-95 against latency."""
+    key = latency_key(rows)
+    points = []
+    for r in rows:
+        name = r["model"].removeprefix("ultralytics ")
+        for kind, latency_column in (("float", key), ("int8", "ort_int8_ms")):
+            latency = r.get(latency_column)
+            if latency is None:
+                continue
+            common = {"imgsz": r["imgsz"], "model": name, "source": r["source"], "kind": kind}
+            points.append(PlotPoint("gflops", x=r["gflops"], y=latency, **common))
+            score = None if map_scores is None else map_score(map_scores, name, kind)
+            if score is not None:
+                points.append(PlotPoint("map", x=latency, y=score, **common))
+    return points
+
+
 def plot(rows: list[dict[str, Any]], path: str | Path, map_scores: dict[str, float] | None = None) -> Path | None:
-    """Latency against GFLOPs, one panel per size (mAP against latency when ``map_scores`` is given).
-    Drawn on a matplotlib Figure directly: no pyplot, no global state."""
+    """Latency against GFLOPs, one panel per size, and below it mAP50-95 against latency when ``map_scores`` is
+    given. Circles: yolo-mobile, squares: ultralytics; filled: float, hollow: INT8, a thin line joins a model's
+    two. Drawn on a matplotlib Figure directly: no pyplot, no global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    key = latency_key(rows)
-    if not any(r.get(key) is not None for r in rows):
+    points = plot_points(rows, map_scores)
+    if not points:
         return None
-    sizes = sorted({r["imgsz"] for r in rows})
-    fig = Figure(figsize=(6 * len(sizes), 5), layout="constrained")
+    sizes = sorted({p.imgsz for p in points})
+    panels = [panel for panel in ("gflops", "map") if any(p.panel == panel for p in points)]
+    fig = Figure(figsize=(7 * len(sizes), 5.5 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
-    label = "ONNX Runtime" if key == "ort_ms" else "PyTorch eager"
-    for i, size in enumerate(sizes):
-        ax = fig.add_subplot(1, len(sizes), i + 1)
-        for r in (r for r in rows if r["imgsz"] == size and r.get(key) is not None):
-            name = r["model"]
-            if map_scores is not None:
-                score = map_scores.get(name.removeprefix("ultralytics "))
-                if score is None:
-                    continue
-                xy = (r[key], score)
+    runtime = "ONNX Runtime" if latency_key(rows) == "ort_ms" else "PyTorch eager"
+    style = {"yolo-mobile": ("o", "tab:blue"), "ultralytics": ("s", "tab:orange")}
+    for row, panel in enumerate(panels):
+        for col, size in enumerate(sizes):
+            ax = fig.add_subplot(len(panels), len(sizes), row * len(sizes) + col + 1)
+            here = [p for p in points if p.panel == panel and p.imgsz == size]
+            pairs: dict[str, list[PlotPoint]] = {}
+            for p in here:
+                pairs.setdefault(p.model, []).append(p)
+            for model, pair in pairs.items():
+                marker, color = style.get(pair[0].source, ("^", "tab:green"))
+                if len(pair) == 2:
+                    ax.plot([q.x for q in pair], [q.y for q in pair], color=color, lw=0.6, alpha=0.5)
+                for q in pair:
+                    ax.scatter(q.x, q.y, marker=marker, edgecolors=color,
+                               facecolors=color if q.kind == "float" else "none")
+                ax.annotate(model, (pair[0].x, pair[0].y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if panel == "gflops":
+                ax.set_xlabel("GFLOPs")
+                ax.set_ylabel(f"{runtime} latency (ms)")
             else:
-                xy = (r["gflops"], r[key])
-            ours = r["source"] == "yolo-mobile"
-            ax.scatter(*xy, marker="o" if ours else "s", color="tab:blue" if ours else "tab:orange")
-            ax.annotate(name.removeprefix("ultralytics "), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if map_scores is not None:
-            ax.set_xlabel(f"{label} latency (ms)")
-            ax.set_ylabel("mAP50-95")
-        else:
-            ax.set_xlabel("GFLOPs")
-            ax.set_ylabel(f"{label} latency (ms)")
-        ax.set_title(f"{size}x{size}, {rows[0]['device']} (circles: yolo-mobile, squares: ultralytics)", fontsize=9)
-        ax.grid(True, alpha=0.3)
+                ax.set_xlabel(f"{runtime} latency (ms)")
+                ax.set_ylabel("mAP50-95")
+            ax.set_title(f"{size}x{size}, {rows[0]['device']}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            if row == 0 and col == 0:
+                handles = [Line2D([], [], ls="", marker=style[source][0], markeredgecolor=style[source][1],
+                                  markerfacecolor=style[source][1] if kind == "float" else "none",
+                                  label=f"{source} {'float' if kind == 'float' else 'INT8'}")
+                           for source in style for kind in ("float", "int8")
+                           if any(p.source == source and p.kind == kind for p in points)]
+                ax.legend(handles=handles, fontsize=7, loc="best")
     fig.savefig(path, dpi=120)
     return Path(path)
 
