@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -231,8 +230,10 @@ def candidates(config: BenchmarkConfig) -> list[Candidate]:
     return models
 
 
-def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
-    """All measurements of one model at one size."""
+def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: Path
+            ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """All measurements of one model at one size but the exported files' latency: the row, and the files (in
+    ``workdir``) that :func:`runtime_latencies` times with those of the other models at that size."""
     from .detector import count_flops, inference_copy
     from .engine.device import select_device
     from .export.int8 import quantize_onnx
@@ -288,14 +289,10 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
     for fmt in ("tflite", "ncnn"):
         if fmt in config.backends:
             files.update(phone_export(fmt, model, stem, imgsz, row))
-    if files:
-        row.update(runtime_latency(files, imgsz, config, device))
-        for f in files.values():
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
     if config.train_speed:
         row["train_img_s"] = train_speed(model, imgsz, config.train_batch, device, amp=config.half)
         row["train_batch"] = config.train_batch
-    return row
+    return row, files
 
 
 def phone_export(fmt: str, model, stem: Path, imgsz: int, row: dict[str, Any]) -> dict[str, Path]:
@@ -318,55 +315,80 @@ def phone_export(fmt: str, model, stem: Path, imgsz: int, row: dict[str, Any]) -
 
 
 def runtime_latency(files: dict[str, Path], imgsz: int, config: BenchmarkConfig, device) -> dict[str, Any]:
-    """Latency columns of the exported files, each in its own runtime, timed interleaved with one another at one
-    thread count (the CPUs this process may use): ONNX Runtime, LiteRT with XNNPACK, ncnn."""
+    """The latency columns of one model's exported files (:func:`runtime_latencies` for one model)."""
+    return runtime_latencies([files], imgsz, config, device)[0]
+
+
+def runtime_latencies(models: list[dict[str, Path]], imgsz: int, config: BenchmarkConfig, device
+                      ) -> list[dict[str, Any]]:
+    """Latency columns of several models' exported files, each file in its own runtime, all timed interleaved
+    with one another at one thread count (the CPUs this process may use): ONNX Runtime, LiteRT with XNNPACK, ncnn.
+    Ratios between models and between a model's float and INT8 files then come from the same stretch of time,
+    whatever else the machine was doing."""
     from .engine.runtimes import ncnn_net, ncnn_run, tflite_interpreter, tflite_run
     from .export.onnx import interleaved_latency
     from .resources import usable_cpus
 
     threads = usable_cpus()
-    calls: dict[str, Callable[[], object]] = {}
-    onnx = {k: f for k, f in files.items() if k.startswith("onnxruntime")}
+    calls: dict[tuple[int, str], Callable[[], object]] = {}
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)  # the exports are batch 1
     providers = {}
-    for key, path in onnx.items():
-        session = onnx_session(path, device.type == "cuda", threads)
-        feed = {session.get_inputs()[0].name: x.astype(np.float16) if config.half else x}
-        calls[key] = lambda session=session, feed=feed: session.run(None, feed)
-        providers[key] = session.get_providers()[0]
-    if "tflite" in files:
-        runner = tflite_interpreter(files["tflite"], threads)
-        calls["tflite"] = lambda: tflite_run(runner, x)
-    if "ncnn" in files:
-        model = ncnn_net(files["ncnn"], threads)
-        calls["ncnn"] = lambda: ncnn_run(model, x)
+    for i, files in enumerate(models):
+        for key, path in files.items():
+            if key.startswith("onnxruntime"):
+                session = onnx_session(path, device.type == "cuda", threads)
+                feed = {session.get_inputs()[0].name: x.astype(np.float16) if config.half else x}
+                calls[i, key] = lambda session=session, feed=feed: session.run(None, feed)
+                providers[i, key] = session.get_providers()[0]
+            elif key == "tflite":
+                runner = tflite_interpreter(path, threads)
+                calls[i, key] = lambda runner=runner: tflite_run(runner, x)
+            elif key == "ncnn":
+                net = ncnn_net(path, threads)
+                calls[i, key] = lambda net=net: ncnn_run(net, x)
     # ncnn's per-layer fork-join waits on any thread another process holds back (README: Benchmark)
     load = os.getloadavg()[0]
     times = interleaved_latency(calls, config.runs, config.warmup)
-    row: dict[str, Any] = {"runtime_threads": threads, "runtime_load": load}
     prefix = {"onnxruntime": "ort", "onnxruntime-int8": "ort_int8", "tflite": "tflite", "ncnn": "ncnn"}
-    for key, t in times.items():
-        row[f"{prefix[key]}_ms"], row[f"{prefix[key]}_p90_ms"] = t["median_ms"], t["p90_ms"]
-    if "onnxruntime" in providers:
-        row["ort_provider"] = providers["onnxruntime"]
-    if "onnxruntime-int8" in times:
-        row["int8_ratio"] = times["onnxruntime-int8"]["median_ms"] / times["onnxruntime"]["median_ms"]
-    return row
+    rows = []
+    for i in range(len(models)):
+        row: dict[str, Any] = {"runtime_threads": threads, "runtime_load": load}
+        for (j, key), t in times.items():
+            if j == i:
+                row[f"{prefix[key]}_ms"], row[f"{prefix[key]}_p90_ms"] = t["median_ms"], t["p90_ms"]
+        if (i, "onnxruntime") in providers:
+            row["ort_provider"] = providers[i, "onnxruntime"]
+        if "ort_int8_ms" in row and "ort_ms" in row:
+            row["int8_ratio"] = row["ort_int8_ms"] / row["ort_ms"]
+        rows.append(row)
+    return rows
 
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Measure every model at every size; rows in model order, sizes ascending."""
     from tqdm import tqdm
 
+    from .engine.device import select_device
+
     config.check()
     models = candidates(config)
     jobs = [(m, s) for m in models for s in sorted(config.imgsz)]
-    rows = []
+    rows, files = [], []
     with tempfile.TemporaryDirectory(prefix="yolo_mobile_bench_") as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="model", disable=not progress)
         for candidate, imgsz in bar:
             bar.set_postfix_str(f"{candidate.name} @{imgsz}")
-            rows.append(measure(candidate, imgsz, config, Path(tmp)))
+            row, exported = measure(candidate, imgsz, config, Path(tmp))
+            rows.append(row)
+            files.append(exported)
+        device = select_device(config.device)
+        for size in sorted(config.imgsz):  # every model's files at one size, timed together
+            timed = [i for i, row in enumerate(rows) if row["imgsz"] == size and files[i]]
+            if timed:
+                bar.set_postfix_str(f"exported files @{size}")
+                for i, columns in zip(timed, runtime_latencies([files[i] for i in timed], size, config, device),
+                                      strict=True):
+                    rows[i].update(columns)
     return rows
 
 
@@ -433,16 +455,16 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
         text += "; ONNX Runtime on the file `yolo-mobile export` writes"
     if "onnxruntime-int8" in config.backends:
         text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode and "
-                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images, timed interleaved with "
-                 "the float file")
+                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images")
     phone = [name for key, name in (("tflite", "LiteRT (XNNPACK) on the .tflite"), ("ncnn", "ncnn on the pnnx "
              "export")) if key in config.backends]
     if phone:
         text += f"; {' and '.join(phone)} `yolo-mobile export` writes (float32, parity-checked)"
     if set(RUNTIMES) & set(config.backends):
         loads = [r["runtime_load"] for r in rows if "runtime_load" in r]
-        text += (f"; every runtime at {rows[0].get('runtime_threads', '-') if rows else '-'} threads, timed "
-                 "interleaved with the others")
+        text += (f"; every runtime at {rows[0].get('runtime_threads', '-') if rows else '-'} threads, every "
+                 "model's files at one size timed interleaved with one another, so their ratios share one stretch "
+                 "of time")
         if loads:
             busy = ": ncnn slows most on a busy machine" if "ncnn" in config.backends else ""
             text += f" (load average {min(loads):.1f}-{max(loads):.1f} as they started{busy})"
