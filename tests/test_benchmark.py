@@ -14,6 +14,7 @@ from yolo_mobile.benchmark import (
     UltralyticsDetector,
     format_markdown,
     peak_forward_memory_mb,
+    plot_points,
     read_map_file,
     run_benchmark,
     save_results,
@@ -95,6 +96,22 @@ def test_map_file_plot_and_errors(benchmark_rows, tmp_path):
         read_map_file(tmp_path / "cols.csv")
 
 
+def test_plot_has_float_and_int8_markers_against_gflops_and_map(benchmark_rows):
+    _, result = benchmark_rows
+    points = plot_points(result)
+    for r in result:
+        mine = {(p.kind, p.x, p.y) for p in points if p.imgsz == r["imgsz"]}
+        assert mine == {("float", r["gflops"], r["ort_ms"]), ("int8", r["gflops"], r["ort_int8_ms"])}
+    assert {p.panel for p in points} == {"gflops"}
+    # with scores: the float model's and, under "name int8", its INT8 file's; a model without a score is left out
+    rows = [*result, {**result[0], "model": "ultralytics yolov8n", "source": "ultralytics"}]
+    scored = [p for p in plot_points(rows, {"yolov5n": 0.3, "yolov5n int8": 0.29}) if p.panel == "map"]
+    assert {(p.model, p.kind, p.x, p.y) for p in scored if p.imgsz == 64} == {
+        ("yolov5n", "float", result[0]["ort_ms"], 0.3), ("yolov5n", "int8", result[0]["ort_int8_ms"], 0.29)}
+    torch_only = [{k: v for k, v in r.items() if not k.startswith("ort")} for r in result]
+    assert {(p.kind, p.y) for p in plot_points(torch_only)} == {("float", r["torch_ms"]) for r in result}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"cfgs": ["no_such.yaml"]}, "no_such.yaml: no such model YAML"),
     ({"backends": ["tensorrt"]}, "unknown backend"),
@@ -143,6 +160,26 @@ def test_compare_ultralytics_rows(tmp_path):
     assert all(r["torch_ms"] > 0 and "ort_ms" not in r for r in result)
 
 
+def test_every_models_exported_files_are_timed_together(monkeypatch):
+    """One interleaved timing per size holds every model's files, so ratios between models share its time."""
+    import yolo_mobile.export.onnx
+
+    timed = []
+
+    def fake(calls, runs, warmup):
+        timed.append(sorted(calls))
+        return {k: {"median_ms": 2.0 + k[0], "p90_ms": 9.0} for k in calls}
+
+    monkeypatch.setattr(yolo_mobile.export.onnx, "interleaved_latency", fake)
+    config = BenchmarkConfig(cfgs=["yolov5n.yaml", "mobilenetv3_small_lite.yaml"], imgsz=[64, 96], runs=1,
+                             warmup=0, backends=["onnxruntime"])
+    rows = run_benchmark(config, progress=False)
+    assert timed == [[(0, "onnxruntime"), (1, "onnxruntime")]] * 2  # one timing per size, both models in it
+    assert [(r["model"], r["imgsz"], r["ort_ms"]) for r in rows] == [
+        ("yolov5n", 64, 2.0), ("yolov5n", 96, 2.0), ("mobilenetv3_small_lite", 64, 3.0),
+        ("mobilenetv3_small_lite", 96, 3.0)]
+
+
 def test_compile_column():
     config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64], runs=1, warmup=0, backends=["torch"], compile=True)
     (row,) = run_benchmark(config, progress=False)
@@ -167,13 +204,42 @@ def test_cli_benchmark_writes_files(tmp_path, capsys):
     assert "multiple of 32, got 100" in capsys.readouterr().err
 
 
-def test_profile_script_labels_convolutions_by_kind(tmp_path):
+def test_cli_and_api_measure_the_same_by_default():
+    """`yolo-mobile benchmark` with no flags asks for what BenchmarkConfig does: every flag named after one of its
+    fields (--backend: backends, --map: map_file) defaults to that field's default."""
+    import dataclasses
+
+    from yolo_mobile.cli import build_parser
+
+    args = vars(build_parser().parse_args(["benchmark"]))
+    api = BenchmarkConfig(cfgs=[])
+    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)} - {"cfgs"}
+    flags = {field: {"backends": "backend", "map_file": "map"}.get(field, field) for field in fields}
+    assert set(flags.values()) <= set(args)
+    assert {field: args[flag] for field, flag in flags.items()} == {field: getattr(api, field) for field in fields}
+    assert "onnxruntime-int8" in args["backend"]
+
+
+def profile_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("profile_model", Path(__file__).parents[1] / "scripts" /
                                                   "profile_model.py")
     profile_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_model)
+    return profile_model
+
+
+def test_profile_script_sums_by_module():
+    module_of = profile_script().module_of
+    assert module_of("/neck/td4/cv1/conv/Conv_kernel_time", 1) == "neck"
+    assert module_of("/neck/td4/cv1/conv/Conv_kernel_time", 2) == "neck.td4"
+    assert module_of("/head/Softmax_kernel_time", 2) == "head: decode"
+    assert module_of("Sub_kernel_time", 1) == "other"
+
+
+def test_profile_script_labels_convolutions_by_kind(tmp_path):
+    profile_model = profile_script()
     convs = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
                                 torch.nn.Conv2d(8, 32, 3, padding=1, groups=8), torch.nn.Conv2d(32, 16, 1, groups=4))
     path = tmp_path / "convs.onnx"

@@ -560,19 +560,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="a .safetensors, .pth or .pt file")
     q.set_defaults(func=cmd_weights_inspect)
 
+    def add_backend_flag(q: argparse.ArgumentParser) -> None:  # on first parse: BenchmarkConfig imports torch
+        from .benchmark import BACKENDS, BenchmarkConfig
+
+        default = next(f for f in dataclasses.fields(BenchmarkConfig) if f.name == "backends").default_factory()
+        q.add_argument("--backend", nargs="+", choices=BACKENDS, default=default,
+                       help="PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU when installed), ONNX "
+                            "Runtime on the INT8 file (calibrated on drawn shapes-set images), LiteRT with XNNPACK "
+                            "(.[tflite]), ncnn (.[ncnn]); the exported files are timed interleaved at one thread "
+                            f"count (default: {' '.join(default)}, as BenchmarkConfig)")
+
     p = sub.add_parser("benchmark", help="params, GFLOPs, latency, throughput, memory and training speed, "
-                                         "side by side (with ultralytics' models on request)")
+                                         "side by side (with ultralytics' models on request)",
+                       add_flags=add_backend_flag)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--cfg", nargs="+", help="model YAMLs or built-in names (default: all built-in models)")
     group.add_argument("--all", action="store_true", help="every built-in model (the default)")
     p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="square input sizes")
     p.add_argument("--batch", type=int, default=1, help="batch for the throughput and memory columns")
     p.add_argument("--device", default="cpu", help="cpu or a GPU index such as 0")
-    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime", "onnxruntime-int8", "tflite", "ncnn"],
-                   default=["torch", "onnxruntime"],
-                   help="PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU when installed), ONNX Runtime "
-                        "on the INT8 file (calibrated on drawn shapes-set images), LiteRT with XNNPACK (.[tflite]), "
-                        "ncnn (.[ncnn]); the exported files are timed interleaved at one thread count")
     p.add_argument("--half", action="store_true", help="fp16 (GPU only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (the compile time is reported)")
     p.add_argument("--compare-ultralytics", action="store_true",

@@ -128,12 +128,19 @@ class NeckConfig:
     width: float = field(default=0.25, metadata=_valid(lambda v: 0 < v < float("inf"), "a finite number > 0"))
     act: str = "silu"
     sppf_kernel: int = field(default=5, metadata=_valid(lambda v: v > 0 and v % 2, "an odd integer >= 1"))
+    # every 3x3 conv of the PAN and of the head depthwise 3x3 + pointwise 1x1 (YOLOX-Nano's depthwise=True)
+    depthwise: bool = False
+    sppf: bool = True  # false: P5 enters the PAN through a 1x1 conv, no spatial pyramid pooling
 
 
 @dataclass
 class HeadConfig:
     reg_max: int = field(default=16, metadata=_valid(lambda v: v >= 1, "an integer >= 1"))
     act: str = "silu"
+    # the box and class branches' width; 0: YOLOv8's rule from the neck's P3 width and nc
+    channels: int = field(default=0, metadata=_valid(lambda v: v >= 0, "an integer >= 0 (0: YOLOv8's widths)"))
+    # one stack of 3x3 convs per level for both branches, which keep only their 1x1 predictions
+    shared: bool = False
 
 
 @dataclass
