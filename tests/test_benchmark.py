@@ -204,22 +204,6 @@ def test_cli_benchmark_writes_files(tmp_path, capsys):
     assert "multiple of 32, got 100" in capsys.readouterr().err
 
 
-def test_cli_and_api_measure_the_same_by_default():
-    """`yolo-mobile benchmark` with no flags asks for what BenchmarkConfig does: every flag named after one of its
-    fields (--backend: backends, --map: map_file) defaults to that field's default."""
-    import dataclasses
-
-    from yolo_mobile.cli import build_parser
-
-    args = vars(build_parser().parse_args(["benchmark"]))
-    api = BenchmarkConfig(cfgs=[])
-    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)} - {"cfgs"}
-    flags = {field: {"backends": "backend", "map_file": "map"}.get(field, field) for field in fields}
-    assert set(flags.values()) <= set(args)
-    assert {field: args[flag] for field, flag in flags.items()} == {field: getattr(api, field) for field in fields}
-    assert "onnxruntime-int8" in args["backend"]
-
-
 def profile_script():
     import importlib.util
 

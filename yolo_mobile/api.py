@@ -13,6 +13,7 @@ from typing import Any
 from . import detector
 from .config import ModelConfig
 from .engine import checkpoint
+from .engine.postprocess import CONF, IOU, MAX_DET
 from .engine.predictor import Result, TorchBackend, predict
 
 
@@ -23,7 +24,7 @@ class Model(detector.Detector):
         """Write a checkpoint that ``load_model(path)`` reads (see engine/checkpoint.py for the format)."""
         return checkpoint.save_checkpoint(path, self, **extra)
 
-    def predict(self, source: Any, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+    def predict(self, source: Any, imgsz: int = 640, conf: float = CONF, iou: float = IOU, max_det: int = MAX_DET,
                 classes: list[int] | None = None, batch: int = 1) -> Iterator[Result]:
         """Yield one result per image or frame of ``source`` (image, folder, glob, video, webcam index, URL):
         ``boxes`` (xyxy, original pixels), ``scores``, ``classes`` and ``names``."""

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import default_names
+from .config import default_names, flag
 from .engine.memory import peak_bytes, random_targets
 from .export.onnx import onnx_session
 
@@ -47,25 +47,37 @@ def time_fn(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> dict[s
 
 @dataclass
 class BenchmarkConfig:
-    """What to measure. ``cfgs`` are model YAMLs or built-in names; sizes are square inputs."""
+    """``yolo-mobile benchmark``: what to measure; its flags are these fields (cli.py builds the parser from them).
+    ``cfgs`` are model YAMLs or built-in names (none: every built-in model); sizes are square inputs."""
 
-    cfgs: list[str]
-    imgsz: list[int] = field(default_factory=lambda: [320, 640])
-    batch: int = 1
-    device: str = "cpu"
-    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
-    half: bool = False
-    compile: bool = False
-    compare_ultralytics: bool = False
-    train_speed: bool = False
-    train_batch: int = 16
-    runs: int = 30
-    warmup: int = 5
-    map_file: Path | None = None
+    cfgs: list[str] = flag([], "model YAMLs or built-in names (default: all built-in models)", flag="--cfg",
+                           nargs="+", group="models")
+    imgsz: list[int] = flag([320, 640], "square input sizes", nargs="+")
+    batch: int = flag(1, "batch for the throughput and memory columns", type="positive")
+    device: str = flag("cpu", "cpu or a GPU index such as 0")
+    backends: list[str] = flag(list(DEFAULT_BACKENDS), "PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU "
+                               "when installed), ONNX Runtime on the INT8 file (calibrated on drawn shapes-set "
+                               "images), LiteRT with XNNPACK (.[tflite]), ncnn (.[ncnn]); the exported files are "
+                               "timed interleaved at one thread count", flag="--backend", nargs="+", choices=BACKENDS)
+    half: bool = flag(False, "fp16 (GPU only)")
+    compile: bool = flag(False, "also time torch.compile (the compile time is reported)")
+    compare_ultralytics: bool = flag(False, "also measure ultralytics' YOLOv5nu, YOLOv8n, YOLO11n (built from their "
+                                            "YAMLs)")
+    train_speed: bool = flag(False, "training img/s: forward, loss, backward, step")
+    train_batch: int = flag(16, "batch for --train-speed", type="positive")
+    runs: int = flag(30, "timed runs per measurement (after --warmup)", type="positive")
+    warmup: int = flag(5, "untimed runs before them", type="non_negative")
+    map_file: Path | None = flag(None, "CSV of model,mAP50-95: the plot shows mAP against latency", flag="--map")
+
+    def __post_init__(self) -> None:
+        if not self.cfgs:
+            from .config import list_builtin_models
+
+            self.cfgs = list_builtin_models()
 
     def check(self) -> None:
         """Everything that can be wrong with the request, before any model is built."""
-        from .config import ConfigError, load_model_config
+        from .config import ConfigError, check_imgsz, load_model_config
         from .engine.device import select_device
 
         for cfg in self.cfgs:
@@ -74,11 +86,10 @@ class BenchmarkConfig:
         if unknown:
             raise ConfigError(f"unknown backend(s) {unknown}; valid: {list(BACKENDS)}")
         for size in self.imgsz:
-            if size <= 0 or size % 32:
-                raise ConfigError(f"--imgsz {size}: sizes must be positive multiples of 32")
+            check_imgsz(size, "--imgsz")
         if self.batch < 1 or self.train_batch < 1 or self.runs < 1 or self.warmup < 0:
             raise ConfigError("--batch, --train-batch and --runs must be at least 1, --warmup at least 0")
-        device = select_device(self.device)
+        device = select_device(self.device, "benchmark")
         if self.half and device.type != "cuda":
             raise ConfigError("--half needs a CUDA device (fp16 kernels do not run on the CPU): add --device 0")
         if {"onnxruntime", "onnxruntime-int8"} & set(self.backends):

@@ -20,6 +20,25 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and why."""
 
 
+def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag: the CLI reads its type, default and help from here.
+    ``argparse_kwargs`` may add ``choices``, ``nargs``, ``type`` (a parser such as ``int_at_least(1)``'s name),
+    ``flag`` (the option's name when it is not the field's), ``group`` (a mutually exclusive group, ``required``
+    when one of it must be given), ``off_flag`` and ``off_help`` (a None-by-default bool's "no" option),
+    ``show_default``. A list default is copied for each instance."""
+    metadata = {"help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_imgsz(size: Any, what: str = "imgsz") -> int:
+    """``size`` as an input side: a positive multiple of 32 (the largest stride), else ConfigError."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 32:
+        raise ConfigError(f"{what} must be a positive multiple of 32, got {size}")
+    return size
+
+
 # ---------------------------------------------------------------------------------------------------------- YAML
 @dataclass
 class YamlDoc:

@@ -38,15 +38,50 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import IMAGE_SUFFIXES, default_names
+from ..config import IMAGE_SUFFIXES, ConfigError, check_imgsz, default_names, flag
 from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
 from ..files import write_text
 from ..resources import usable_cpus
-from .postprocess import non_max_suppression
+from .postprocess import CONF, IOU, MAX_DET, non_max_suppression
 from .runtimes import is_ncnn_folder
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectConfig:
+    """``yolo-mobile detect``: its flags are these fields (cli.py builds the parser from them)."""
+
+    weights: str | None = flag(None, "a checkpoint (.pt) or an exported model (.onnx, .tflite, an ncnn folder)",
+                               group="model", required=True)
+    cfg: str | None = flag(None, "a model YAML or built-in name: an untrained model", group="model")
+    source: str = flag("", "image, folder, glob, video, webcam index (0) or stream URL", required=True)
+    imgsz: int | None = flag(None, "inference size (default: the checkpoint's training size, else 640)")
+    conf: float = flag(CONF, "confidence threshold", type="fraction")
+    iou: float = flag(IOU, "NMS IoU threshold", type="fraction")
+    max_det: int = flag(MAX_DET, "detections kept per image or frame", type="positive")
+    classes: list[int] | None = flag(None, "keep only these class indices", nargs="+", type="non_negative")
+    batch: int = flag(1, "frames per forward pass", type="positive")
+    device: str = flag("", "cpu or a GPU index (default: GPU 0 if present)")
+    half: bool = flag(False, "fp16 on CUDA")
+    save_txt: bool = flag(False, "YOLO labels with confidences, one file per image/frame")
+    save_json: bool = flag(False, "all detections in predictions.json")
+    show: bool = flag(False, "show frames in a window")
+    drop_frames: bool | None = flag(
+        None, "process the newest frame, drop stale ones (the default for webcams and streams); on a video file, "
+              "read it at its frame rate as a camera would deliver it",
+        off_flag="--keep-frames", off_help="process every frame, however far behind (the default for files)")
+    project: str = flag("runs/detect", "results go to PROJECT/NAME")
+    name: str = flag("exp", "run name (numbered when it exists)")
+
+    def check(self) -> None:
+        if (self.weights is None) == (self.cfg is None):
+            raise ConfigError("detect needs one of --weights or --cfg")
+        if not str(self.source):
+            raise ConfigError("detect needs --source")
+        if self.imgsz is not None:
+            check_imgsz(self.imgsz, "--imgsz")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".wmv", ".mpeg", ".mpg")
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
 
@@ -588,8 +623,8 @@ def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
         yield pending
 
 
-def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7,
-            max_det: int = 300, classes: list[int] | None = None, batch: int = 1,
+def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = CONF, iou: float = IOU,
+            max_det: int = MAX_DET, classes: list[int] | None = None, batch: int = 1,
             stats: dict[str, Any] | None = None, resolved: Source | None = None, rect: bool = True,
             prefetch: int = 1, workers: int = 1, drop_frames: bool | None = None) -> Iterator[Result]:
     """Yield one Result per image or frame, in order. ``stats`` (if given) collects counts and per-stage seconds
@@ -611,9 +646,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
     stats["drop_frames"] = drop
     if drop:
         prefetch = 0  # a batch letterboxed ahead would wait for the model and grow stale
-    size = backend.imgsz or imgsz
-    if size % 32:
-        raise ValueError(f"imgsz must be a multiple of 32, got {size}")
+    size = check_imgsz(backend.imgsz or imgsz)
     check_classes(classes, backend.names)
     stride = int(getattr(backend, "stride", 32))
     square = not rect or backend.imgsz is not None
@@ -736,8 +769,8 @@ def _draw_and_save(r: Result, writer_args: tuple, state: dict, save_dir: Path, s
         cv2.waitKey(1)
 
 
-def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, conf: float = 0.25,
-           iou: float = 0.7, max_det: int = 300, classes: list[int] | None = None, batch: int = 1,
+def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, conf: float = CONF,
+           iou: float = IOU, max_det: int = MAX_DET, classes: list[int] | None = None, batch: int = 1,
            save: bool = True, save_txt: bool = False, save_json: bool = False, show: bool = False,
            progress: bool = True, rect: bool = True, threads: int | None = None, workers: int | None = None,
            overlap: bool = True, drop_frames: bool | None = None) -> dict[str, Any]:
