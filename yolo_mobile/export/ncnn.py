@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import check_imgsz
 from ..engine.runtimes import NCNN_METADATA as METADATA
 from ..engine.runtimes import NCNN_PARAM as PARAM
 from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
@@ -46,8 +47,7 @@ def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bo
     when the check passed."""
     require_ncnn()
     output = Path(output)
-    if imgsz < 32 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     if output.is_file():
         raise ValueError(f"{output}: is a file; ncnn writes a folder (model.ncnn.param and model.ncnn.bin)")
     fused = fused_copy(model)

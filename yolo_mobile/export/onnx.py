@@ -20,8 +20,9 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from .. import files
+from ..config import check_imgsz
 from ..detector import class_names
-from ..engine.postprocess import class_aware_nms
+from ..engine.postprocess import CONF, IOU, MAX_DET, class_aware_nms
 
 PARITY_TOLERANCE = 1e-3  # max abs difference of scores (and of boxes below BOX_TOLERANCE), float32
 # box corners, in pixels, within this fraction of the input side (0.032 px at 320): float32 sums in another order
@@ -124,8 +125,8 @@ def canonical_order(dets: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False,
-                opset: int = 17, simplify: bool = False, half: bool = False, nms: bool = False, max_det: int = 300,
-                conf: float = 0.25, iou: float = 0.7, device: str = "cpu",
+                opset: int = 17, simplify: bool = False, half: bool = False, nms: bool = False, max_det: int = MAX_DET,
+                conf: float = CONF, iou: float = IOU, device: str = "cpu",
                 check_images: list[str | Path] | None = None) -> dict[str, Any]:
     """Fuse, export, check with onnx.checker, optionally simplify, then compare ONNX Runtime with PyTorch on a
     drawn image and ``check_images`` (and, with ``dynamic``, at a second batch and size). Returns a report.
@@ -133,8 +134,7 @@ def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: i
     The file is written under a temporary name beside ``output`` and moved into place only when every check
     passed: a failed export leaves nothing behind."""
     output = Path(output)
-    if imgsz < 32 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     if batch < 1 or max_det < 1:
         raise ValueError(f"batch and max_det must be >= 1, got {batch} and {max_det}")
     if not MIN_OPSET <= opset <= max_opset():

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import check_imgsz
 from ..engine.runtimes import TFLITE_METADATA, native_logs_filtered, require_tflite, tflite_interpreter, tflite_run
 from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, warnings_ignored
 from .onnx import ExportError, staged
@@ -180,8 +181,7 @@ def export_tflite(model: nn.Module, output: str | Path, imgsz: int = 640, half: 
     without a val split, on further train images held apart). Written only when every step passed."""
     require_tflite()
     output = Path(output)
-    if imgsz < 32 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     if half and int8:
         raise ValueError("--half and --int8 are two precisions: choose one")
     if int8 and data is None:
