@@ -195,7 +195,8 @@ def test_simplified_export_keeps_parity(tmp_path):
 
 
 def test_parity_bounds_boxes_by_the_input_size_and_scores_absolutely():
-    from yolo_mobile.export.onnx import BOX_TOLERANCE, PARITY_TOLERANCE, _difference
+    from yolo_mobile.export.checks import BOX_TOLERANCE, PARITY_TOLERANCE
+    from yolo_mobile.export.checks import output_difference as _difference
 
     # (B, 4 + nc, N): a trained mobilenetv3_large's corners moved up to ~5e-3 px in ONNX Runtime, scores 2e-6
     ref = np.zeros((1, 6, 3))

@@ -55,7 +55,7 @@ def shapes():
 @pytest.mark.parametrize("family", [own_group(family) for family in FAMILIES])
 def test_every_family_converts_and_matches_pytorch(converted, family):
     _, report = converted(family)
-    assert report["max_abs_diff"] < 1e-3 and report["checked"] == f"random and drawn images at 1x3x{SIZE}x{SIZE}"
+    assert report["max_abs_diff"] < 1e-3 and report["checked"] == [f"random and drawn images at 1x3x{SIZE}x{SIZE}"]
     backend = load_backend(report["path"])
     assert isinstance(backend, TfliteBackend) and backend.imgsz == SIZE and backend.names == ["0", "1", "2", "3"]
     details = backend.runner.get_input_details()[0]

@@ -274,9 +274,7 @@ def cmd_export(args) -> int:
     report = export_onnx(model, output, imgsz=_imgsz(args, model), batch=args.batch, dynamic=args.dynamic,
                          opset=args.opset, simplify=args.simplify, half=args.half, nms=args.nms,
                          max_det=args.max_det, device=args.device)
-    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB) in {report['export_s']:.1f} s; "
-          f"ONNX Runtime vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
-          f"({', '.join(report['checked'])})")
+    print(report.summary())
     return 0
 
 
@@ -296,10 +294,7 @@ def _export_phone(args) -> int:
         from .export.ncnn import export_ncnn
 
         output = Path(args.output) if args.output else stem.with_name(stem.name + "_ncnn")
-        report = export_ncnn(model, output, imgsz=imgsz, half=args.half)
-        print(f"Exported {report['path']}/ ({report['size_mb']:.1f} MB {report['precision']} weights) in "
-              f"{report['export_s']:.1f} s; ncnn vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
-              f"({report['checked']})")
+        print(export_ncnn(model, output, imgsz=imgsz, half=args.half).summary())
         return 0
     from .export.tflite import export_tflite
 
@@ -307,16 +302,7 @@ def _export_phone(args) -> int:
     output = Path(args.output) if args.output else stem.with_name(stem.name + suffix)
     report = export_tflite(model, output, imgsz=imgsz, half=args.half, int8=args.int8, data=data,
                            calib_images=args.calib_images)
-    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB, {report['precision']}) in "
-          f"{report['export_s']:.1f} s", end="")
-    if args.int8:
-        print(f"; PT2E static INT8 calibrated on {report['calibration_images']} letterboxed train images at {imgsz}")
-        print(f"mAP50-95 on {report['evaluated_on']}: PyTorch {report['map_float']['map']:.4f}, "
-              f"LiteRT INT8 {report['map_int8']['map']:.4f}; mAP50 {report['map_float']['map50']:.4f} -> "
-              f"{report['map_int8']['map50']:.4f}")
-    else:
-        print(f"; LiteRT vs PyTorch max abs difference {report['max_abs_diff']:.2e} on boxes and scores "
-              f"({report['checked']})")
+    print(report.summary())
     return 0
 
 
@@ -342,15 +328,7 @@ def _export_int8(args, model, output: Path) -> int:
     imgsz = _imgsz(args, model)
     report = export_int8(model, output, data, imgsz=imgsz, calib_images=args.calib_images,
                          method=args.calib_method, keep_float=args.keep_float, opset=args.opset)
-    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB, float {report['float']['size_mb']:.1f} MB) "
-          f"in {report['quantize_s']:.1f} s: QDQ int8, {report['method']} calibration on "
-          f"{report['calibration_images']} letterboxed train images at {imgsz}; {len(report['float_nodes'])} "
-          f"nodes kept float ({', '.join(args.keep_float) or 'none'})")
-    print(f"mAP50-95 on {report['evaluated_on']}: float {report['map_float']['map']:.4f}, "
-          f"INT8 {report['map_int8']['map']:.4f} (drop {report['map_float']['map'] - report['map_int8']['map']:+.4f}); "
-          f"mAP50 {report['map_float']['map50']:.4f} -> {report['map_int8']['map50']:.4f}")
-    print(f"ONNX Runtime latency at {imgsz} (batch 1, medians interleaved): float {report['ms_float']:.1f} ms, "
-          f"INT8 {report['ms_int8']:.1f} ms ({report['ms_int8'] / report['ms_float']:.2f}x)")
+    print(report.summary())
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from .. import files
-from .onnx import ExportError
+from .checks import ExportError, ExportReport
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 # histograms cut off the rare extreme activations min-max keeps: 0.75 points of mAP50-95 lost instead of 1.18 on
@@ -292,5 +292,5 @@ def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, c
         report["ms_float"], report["ms_int8"] = times["float"]["median_ms"], times["int8"]["median_ms"]
         with files.staged(output) as partial:
             shutil.copyfile(staged, partial)
-    report["path"] = output
-    return report
+    report.update(path=output, precision="int8", keep_float=list(keep_float))
+    return ExportReport("onnx", imgsz, report)

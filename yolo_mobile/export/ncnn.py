@@ -22,8 +22,16 @@ from ..engine.runtimes import NCNN_METADATA as METADATA
 from ..engine.runtimes import NCNN_PARAM as PARAM
 from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
 from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, warnings_ignored
-from .onnx import staged
+from .checks import (
+    ConversionError,
+    ExportReport,
+    check_parity,
+    fused_copy,
+    metadata,
+    metadata_json,
+    staged,
+    warnings_ignored,
+)
 
 
 def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:
@@ -71,4 +79,4 @@ def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bo
         runner = ncnn_net(partial, half=half)
         report.update(check_parity(fused, lambda a: ncnn_run(runner, a), imgsz, "ncnn", half, check_images))
         report["size_mb"] = (partial / WEIGHTS).stat().st_size / 2**20
-    return {**report, "path": output}
+    return ExportReport("ncnn", imgsz, {**report, "path": output})

@@ -5,12 +5,11 @@ Uses the TorchScript-based exporter (``dynamo=False``): it needs no extra packag
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,10 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from .. import files
 from ..config import check_imgsz
-from ..detector import class_names
 from ..engine.postprocess import CONF, IOU, MAX_DET, class_aware_nms
+from .checks import ExportError, ExportReport, check_parity, metadata, output_difference, staged
 
-PARITY_TOLERANCE = 1e-3  # max abs difference of scores (and of boxes below BOX_TOLERANCE), float32
-# box corners, in pixels, within this fraction of the input side (0.032 px at 320): float32 sums in another order
-# move a trained mobilenetv3_large's DFL distances, times the stride, by up to ~5e-3 px where its scores agree to 2e-6
-BOX_TOLERANCE = 1e-4
 MIN_OPSET = 9  # opset 8 cannot export the neck's nearest-neighbour upsampling
 
 
@@ -38,11 +32,6 @@ def max_opset() -> int:
     except ImportError:
         return 20
     return int(ONNX_MAX_OPSET)
-
-
-class ExportError(ValueError):
-    """The exported file does not run the same as the PyTorch model (a ValueError: the CLI reports it in one
-    line, as it does bad arguments; another opset may export a file that does)."""
 
 
 class DetectorWithNMS(nn.Module):
@@ -71,48 +60,19 @@ class DetectorWithNMS(nn.Module):
         return torch.stack(dets), torch.stack(counts)
 
 
-def _sample_image(imgsz: int) -> np.ndarray:
-    """A deterministic drawn image (shapes on a background), for checks when no real image is given."""
-    from ..datasets.synthetic import draw_sample
-
-    image, _ = draw_sample(np.random.default_rng(0), imgsz)
-    return image
-
-
-def _inputs(paths: list[Path], batch: int, h: int, w: int) -> torch.Tensor:
-    from ..datasets.labels import read_image
-    from ..datasets.letterbox import letterbox_chw
-
-    images = [read_image(p) for p in paths] or [_sample_image(max(h, w))]
-    boxed = [letterbox_chw(images[k % len(images)], (h, w))[0] for k in range(batch)]
-    return torch.from_numpy(np.stack(boxed)).float() / 255
-
-
-def _difference(out: np.ndarray, ref: np.ndarray, box_axis: int) -> tuple[float, float]:
-    """(max abs difference of the box corners, of everything else); ``box_axis`` holds corners first, then the
-    rest (scores, class)."""
-    diff = np.abs(out - ref)
-    boxes, rest = np.split(diff, [4], axis=box_axis)
-    return float(boxes.max(initial=0.0)), float(rest.max(initial=0.0))
-
-
-def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any = None) -> tuple[float, float]:
-    """ONNX Runtime against PyTorch: ``_difference`` of the outputs. With embedded NMS, the model part is compared
-    on the raw outputs (``raw_session``) and the NMS part on identical inputs: PyTorch's NMS applied to ONNX
-    Runtime's raw output. (Comparing end to end would let 1e-5 noise flip greedy NMS decisions among near-equal
-    boxes.)"""
+def _compare_nms(module: DetectorWithNMS, session: Any, raw_session: Any, x: torch.Tensor) -> tuple[float, float]:
+    """An embedded-NMS export against PyTorch: the model part on the raw outputs (``raw_session``), the NMS part
+    on identical inputs: PyTorch's NMS applied to ONNX Runtime's raw output. (Comparing end to end would let 1e-5
+    noise flip greedy NMS decisions among near-equal boxes.)"""
     feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
     out = session.run(None, feed)
-    if raw_session is None:
-        with torch.no_grad():
-            return _difference(out[0], module(x).numpy(), box_axis=1)
     raw = raw_session.run(None, feed)[0]
     with torch.no_grad():
-        parts = [_difference(raw, module.model(x).numpy(), box_axis=1)]
+        parts = [output_difference(raw, module.model(x).numpy())]
         dets, counts = module.nms(torch.from_numpy(raw))
     if not np.array_equal(out[1], counts.numpy()):
         raise ExportError(f"embedded NMS kept {out[1].tolist()} detections where PyTorch kept {counts.tolist()}")
-    parts += [_difference(canonical_order(a), canonical_order(b), box_axis=1)
+    parts += [output_difference(canonical_order(a), canonical_order(b))
               for a, b in zip(out[0], dets.numpy(), strict=True)]
     return max(p[0] for p in parts), max(p[1] for p in parts)
 
@@ -144,17 +104,7 @@ def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: i
     with staged(output) as partial:  # after a failed check (or any error): no half-checked file
         report = _export(model, partial, imgsz, batch, dynamic, opset, simplify, half, nms, max_det, conf, iou,
                          device, check_images)
-    return {**report, "path": output}
-
-
-@contextlib.contextmanager
-def staged(output: Path) -> Iterator[Path]:
-    """:func:`yolo_mobile.files.staged` for an export: a failed check says that nothing was written."""
-    try:
-        with files.staged(output) as partial:
-            yield partial
-    except ExportError as e:
-        raise type(e)(f"{output}: {e}; nothing was written") from None
+    return ExportReport("onnx", imgsz, {**report, "path": output})
 
 
 def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: bool, opset: int, simplify: bool,
@@ -164,7 +114,6 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     import onnxruntime as ort
 
     from ..engine.device import select_device
-    from ..version import __version__
 
     dev = select_device(device, "export")
     if half and dev.type != "cuda":
@@ -197,14 +146,11 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
         except ImportError:
             raise ImportError("--simplify needs onnxslim: pip install onnxslim") from None
         graph = onnxslim.slim(graph)
-    names = class_names(model)
-    meta = {"names": json.dumps(names), "stride": "32", "imgsz": str(imgsz), "batch": str(batch),
-            "dynamic": str(dynamic).lower(), "nms": str(nms).lower(), "max_det": str(max_det), "conf": str(conf),
-            "iou": str(iou), "box_format": "xyxy" if nms else "cxcywh", "producer": f"yolo-mobile {__version__}",
-            "model": json.dumps(model.config.to_dict()) if hasattr(model, "config") else ""}
+    meta = metadata(model, imgsz, "float16" if half else "float32", batch=batch, dynamic=dynamic, nms=nms,
+                    max_det=max_det, conf=conf, iou=iou, box_format="xyxy" if nms else "cxcywh")
     del graph.metadata_props[:]
-    for k, v in meta.items():
-        graph.metadata_props.add(key=k, value=v)
+    for k, v in meta.items():  # ONNX metadata holds strings: the rest as JSON
+        graph.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
     onnx.save(graph, str(output))
     export_s = time.perf_counter() - start
 
@@ -218,24 +164,17 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
                               input_names=["images"], output_names=["output0"], dynamic_axes=axes or None)
         raw_session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
         raw_path.unlink()
-    paths = [Path(p) for p in (check_images or [])]
     shapes = [(batch, imgsz, imgsz)]
     if dynamic:
-        shapes.append((batch if nms else batch + 1, imgsz - 64, imgsz + 64))
-    diffs, checked = [], []
+        shapes.append((batch if nms else batch + 1, max(32, imgsz - 64), imgsz + 64))  # another size, as it says
+    report = {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s,
+              "max_abs_diff": float("nan"), "checked": []}
     if not half:  # fp16 runs on the GPU only; its parity is reported by the GPU benchmark instead
-        for b, h, w in shapes:
-            diffs.append(_compare(module, session, torch.rand(b, 3, h, w), raw_session))
-            diffs.append(_compare(module, session, _inputs(paths, b, h, w), raw_session))
-            checked.append(f"random and {'real' if paths else 'drawn'} images at {b}x3x{h}x{w}")
-    box_tolerance = BOX_TOLERANCE * imgsz
-    worst = max((max(d) for d in diffs), default=float("nan"))
-    if diffs and not (max(d[0] for d in diffs) < box_tolerance and max(d[1] for d in diffs) < PARITY_TOLERANCE):
-        raise ExportError(f"ONNX Runtime differs from PyTorch by {max(d[0] for d in diffs):.2e} px on boxes "
-                          f"(tolerance {box_tolerance:.2g}) and {max(d[1] for d in diffs):.2e} on scores "
-                          f"(tolerance {PARITY_TOLERANCE:.0e})")
-    return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
-            "checked": checked}
+        name = session.get_inputs()[0].name
+        compare = (lambda x: _compare_nms(module, session, raw_session, x)) if raw_session is not None else None
+        report.update(check_parity(module, lambda a: session.run(None, {name: a})[0], imgsz, "ONNX Runtime",
+                                   check_images=check_images, shapes=shapes, compare=compare))
+    return report
 
 
 def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):

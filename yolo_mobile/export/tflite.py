@@ -23,8 +23,17 @@ from torch import nn
 
 from ..config import check_imgsz
 from ..engine.runtimes import TFLITE_METADATA, native_logs_filtered, require_tflite, tflite_interpreter, tflite_run
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, warnings_ignored
-from .onnx import ExportError, staged
+from .checks import (
+    ConversionError,
+    ExportError,
+    ExportReport,
+    check_parity,
+    fused_copy,
+    metadata,
+    metadata_json,
+    staged,
+    warnings_ignored,
+)
 
 # INT8 fails its check below half of PyTorch's mAP50-95: a broken quantization (a quantized decode rounds every
 # score to zero), not the point or two that calibration costs
@@ -226,4 +235,4 @@ def export_tflite(model: nn.Module, output: str | Path, imgsz: int = 640, half: 
         else:
             report.update(check_parity(fused, lambda a: tflite_run(runner, a), imgsz, "LiteRT", half, check_images))
         report["size_mb"] = partial.stat().st_size / 2**20
-    return {**report, "path": output}
+    return ExportReport("tflite", imgsz, {**report, "path": output})
