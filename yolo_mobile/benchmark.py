@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import tempfile
 import time
@@ -24,6 +25,7 @@ from torch import nn
 from .config import default_names, flag
 from .engine.memory import peak_bytes, random_targets
 from .export.onnx import onnx_session
+from .files import write_text, write_with
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
 # the API's default: the phone runtimes (optional extras, a LiteRT conversion costs 15-60 s) are asked for by name
@@ -491,11 +493,11 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, table.getvalue())
 
 
 def latency_key(rows: Iterable[dict[str, Any]]) -> str:
@@ -592,7 +594,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, map_scores: dict[str, flo
                            for source in style for kind in ("float", "int8")
                            if any(p.source == source and p.kind == kind for p in points)]
                 ax.legend(handles=handles, fontsize=7, loc="best")
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
     return Path(path)
 
 
@@ -601,7 +603,7 @@ def save_results(rows: list[dict[str, Any]], out: str | Path, config: BenchmarkC
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = out if out.suffix == ".md" else out.with_suffix(".md")
-    md.write_text(format_markdown(rows) + "\n\n" + describe(config, rows) + "\n")
+    write_text(md, format_markdown(rows) + "\n\n" + describe(config, rows) + "\n")
     files = {"markdown": md, "csv": write_csv(rows, md.with_suffix(".csv"))}
     scores = read_map_file(config.map_file) if config.map_file else None
     png = plot(rows, md.with_suffix(".png"), scores)

@@ -95,6 +95,16 @@ def write_with(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> Path:
     return write_bytes(path, buffer.getbuffer())
 
 
+def publish(written: Path, path: Path) -> Path:
+    """A file a writer produced under a temporary name (a video encoder, which streams to disk) synced and
+    renamed onto ``path``."""
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(written, path)
+    _sync_folder(path.parent)
+    return path
+
+
 @contextlib.contextmanager
 def staged(output: Path) -> Iterator[Path]:
     """A temporary path beside ``output`` for a writer that must be given a path (a converter that writes a file

@@ -41,7 +41,7 @@ import torch
 from ..config import IMAGE_SUFFIXES, ConfigError, check_imgsz, default_names, flag
 from ..datasets.labels import read_image, write_image
 from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
-from ..files import write_text
+from ..files import publish, write_text
 from ..resources import usable_cpus
 from .postprocess import CONF, IOU, MAX_DET, non_max_suppression
 from .runtimes import is_ncnn_folder
@@ -762,7 +762,10 @@ def _draw_and_save(r: Result, writer_args: tuple, state: dict, save_dir: Path, s
         if state.get("writer") is None:
             h, w = canvas.shape[:2]
             path, fps = writer_args
-            state["writer"] = cv2.VideoWriter(opencv_safe(str(path)), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            # written under a temporary name (the suffix tells OpenCV the container) and renamed once closed
+            path = Path(opencv_safe(str(path)))  # OpenCV writes the name with bytes that are not UTF-8 as U+FFFD
+            state["video"] = (path.with_name(f".{path.stem}.partial{path.suffix}"), path)
+            state["writer"] = cv2.VideoWriter(str(state["video"][0]), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
         state["writer"].write(canvas)
     if show:
         cv2.imshow("yolo-mobile", canvas)
@@ -840,7 +843,8 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
             finally:
                 bar.close()
                 if state["writer"] is not None:
-                    state["writer"].release()
+                    state["writer"].release()  # a stop part-way keeps the frames so far, as a playable file
+                    publish(*state["video"])
                 if show:
                     cv2.destroyAllWindows()
     if save_json:
