@@ -1,5 +1,5 @@
 """ncnn export: every family converted once at 320 by a module fixture and checked in ncnn against PyTorch, or
-refused with a message naming the operator (README's list); yolov5n's conversion also serves the failed-check,
+refused with a message naming the operator (docs/export.md's list); yolov5n's conversion also serves the failed-check,
 val and benchmark tests."""
 
 import json

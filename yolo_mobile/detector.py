@@ -85,7 +85,7 @@ def class_names(model: nn.Module) -> list[str]:
 def inference_copy(model: nn.Module, device: torch.device | str = "cpu", half: bool = False) -> nn.Module:
     """A fused eval-mode copy on ``device`` in channels_last, fp16 when ``half``; the caller's model is left as
     it was. channels_last lets oneDNN (CPU) and cuDNN (GPU) skip a layout reorder around every convolution:
-    measured 5-40% faster on CPU for our models (see the benchmark section of README)."""
+    measured 5-40% faster on CPU for our models (docs/benchmark.md)."""
     fused = copy.deepcopy(model).eval()
     fuse = getattr(fused, "fuse", None)
     if callable(fuse):
