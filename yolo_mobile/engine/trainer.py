@@ -38,18 +38,14 @@ from ..datasets.synthetic import resolve_data
 from ..detector import Detector, build_model, pretrained_weights
 from ..files import check_writable, claim_run_dir, write_text, write_with
 from ..loss import DetectionLoss
-from ..resources import GiB, available_bytes, resident_bytes
+from ..resources import GiB, resident_bytes
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .device import select_device
 from .evaluator import COCOEvaluator
-from .memory import WORKER_BYTES, default_workers, largest_batch, measure_step, random_targets
+from .memory import BatchFit, ProbeStep, default_workers, fit_batch, optimizer_state_bytes
 from .validate import validate
 
 log = logging.getLogger(__name__)
-MEMORY_MARGIN = 0.8  # a training step may use this share of the memory available when it starts
-# --batch -1 keeps at least this many steps an epoch: on a small set (coco128) the batch that fits in memory is the
-# whole set, one step an epoch
-MIN_STEPS_PER_EPOCH = 8
 
 
 def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -448,9 +444,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp and self.cuda)
         self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
 
-        scales = (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
-        self.per_rank_batch = self._fit_batch(scales)
-        self.config = c = dataclasses.replace(c, batch=self.per_rank_batch * self.world_size)
+        self._fit_batch()
+        c = self.config
 
         lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
         self.lr0 = lr0
@@ -482,7 +477,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.local_rank] if self.cuda else None)
 
-        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *scales,
+        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *self._scales(),
                                               seed=c.seed, rank=self.rank, world_size=self.world_size)
         self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
                                         max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
@@ -509,80 +504,24 @@ class Trainer:
         self.t0 = time.time()
         self.run_train_seconds, self.run_train_images, self.val_seconds = 0.0, 0, None
 
-    def _fit_batch(self, scales: tuple[float, float, int]) -> int:
-        """Probe one training step's memory before epoch 1 and return the per-rank batch that fits: the asked
-        one, a smaller one with a warning, or (``batch -1``) the largest with a margin. A batch that cannot
-        fit at all stops the run here, before any folder is made."""
+    def _fit_batch(self) -> None:
+        """The memory probe: the per-process batch that fits becomes the run's batch (see memory.fit_batch)."""
         c = self.config
-        asked = max(1, c.batch // self.world_size) if c.batch > 0 else None
+        run = BatchFit(batch=c.batch, images=len(self.train_samples), workers=c.workers,
+                       reserved=optimizer_state_bytes(self.model, c.optimizer), world_size=self.world_size,
+                       multi_scale=c.multi_scale, main=self.main)
+        step = ProbeStep(self.model, self.criterion, self.device, amp=self.scaler.is_enabled())
+        self.per_rank_batch = fit_batch(step, self.device, run, self._sampler_sizes)
+        self.config = dataclasses.replace(c, batch=self.per_rank_batch * self.world_size)
 
-        def sizes_for(base: int) -> list[tuple[int, int, int]]:
-            return MultiScaleBatchSampler(len(self.train_samples), c.imgsz, base, *scales, rank=0,
-                                          world_size=1).sizes
+    def _scales(self) -> tuple[float, float, int]:
+        c = self.config
+        return (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
 
-        h, w, _ = max(sizes_for(1), key=lambda s: s[0] * s[1])
-        memory = measure_step(lambda b: self._probe_step(b, h, w), self.device, (h, w))
-        available = available_bytes(self.device)
-        if memory is None or available is None:
-            if asked is None:
-                raise ConfigError("batch -1 needs the memory to be measured, which this system does not allow; "
-                                  "give --batch N")
-            log.warning("cannot measure memory on this system; keeping batch %d unchecked", c.batch)
-            return asked
-        workers = 0 if self.cuda else 2 * c.workers  # CPU: training and validation workers share the RAM
-        budget = int(MEMORY_MARGIN * available) - workers * WORKER_BYTES - self._optimizer_state_bytes()
-        per_epoch = len(self.train_samples) // (self.world_size * MIN_STEPS_PER_EPOCH)
-        limit = asked if asked is not None else max(1, per_epoch)
-        fitting = largest_batch(memory, budget, sizes_for, limit)
-        if self.world_size > 1:  # every rank runs the same batch: the smallest that fits everywhere
-            t = torch.tensor([fitting], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            fitting = int(t.item())
-        where = "GPU" if self.cuda else "RAM"
-        need = memory.at(asked or 1, h, w)
-        if self.main:
-            log.info("memory probe at %dx%d: %.2f GiB + %.3f GiB per image for a training step; %.1f GiB %s "
-                     "available", h, w, memory.fixed / GiB, memory.per_image / GiB, available / GiB, where)
-        if fitting == 0:
-            raise ConfigError(f"one image at {h}x{w} needs about {memory.at(1, h, w) / GiB:.1f} GiB for a training "
-                              f"step but {max(budget, 0) / GiB:.1f} GiB of {where} is usable; lower --imgsz"
-                              + (" or --max-scale" if c.multi_scale else "") + " or --workers")
-        if asked is None:
-            if self.main:
-                log.info("batch -1: %d per process fits (%.1f GiB of %.1f GiB usable; at most %d, so that an "
-                         "epoch of %d images has %d steps)", fitting, memory.at(fitting, h, w) / GiB, budget / GiB,
-                         limit, len(self.train_samples), MIN_STEPS_PER_EPOCH)
-            return fitting
-        if fitting < asked and self.main:
-            log.warning("batch %d needs about %.1f GiB for a training step at %dx%d, more than the %.1f GiB of %s "
-                        "usable: training with batch %d instead (--batch %d to choose; --batch -1 picks the "
-                        "largest)", asked * self.world_size, need / GiB, h, w, budget / GiB, where,
-                        fitting * self.world_size, fitting * self.world_size)
-        return min(asked, fitting)
-
-    def _probe_step(self, batch: int, h: int, w: int) -> None:
-        """Forward, loss and backward on random images with random boxes; weights, BatchNorm statistics and
-        gradients are left exactly as they were."""
-        model = self.model
-        buffers = [b.detach().clone() for b in model.buffers()]
-        model.train()
-        x = torch.rand(batch, 3, h, w, device=self.device)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        targets = random_targets(batch, h, w, self.criterion.nc).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
-            maps = model(x)
-        loss, _ = self.criterion([m.float() for m in maps], targets)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers, strict=True):
-                b.copy_(saved)
-
-    def _optimizer_state_bytes(self) -> int:
-        """Momentum (SGD) or two moments (AdamW) per parameter, which the probe step does not allocate."""
-        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return n * (1 if self.config.optimizer == "SGD" else 2)
+    def _sampler_sizes(self, base: int) -> list[tuple[int, int, int]]:
+        """The (h, w, batch) of every size a sampler of base batch ``base`` makes."""
+        return MultiScaleBatchSampler(len(self.train_samples), self.config.imgsz, base, *self._scales(), rank=0,
+                                      world_size=1).sizes
 
     def _make_loader(self) -> DataLoader:
         c = self.config
