@@ -43,6 +43,7 @@ from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .device import select_device
 from .evaluator import COCOEvaluator
 from .memory import BatchFit, ProbeStep, default_workers, fit_batch, optimizer_state_bytes
+from .step_guard import StepGuard, TrainingDiverged, nonfinite_tensors
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -236,11 +237,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says where it stopped and how to resume."""
 
 
-class TrainingDiverged(ConfigError):
-    """Training stopped because its numbers stopped being numbers (too many skipped steps, non-finite weights):
-    a setting to change, not a bug, so the CLI prints one line."""
-
-
 # what a resumed run may change; everything else is the run's own, as its checkpoint stored it
 RESUMABLE = ("epochs", "device", "workers")
 
@@ -253,36 +249,6 @@ def resume_config(saved: dict[str, Any], changes: dict[str, Any], source: str | 
                           f"{', '.join(refused)} cannot change (only {', '.join(RESUMABLE)} may be given)")
     kept = {k: v for k, v in changes.items() if v is not None and v != ""}
     return TrainConfig.from_kwargs(**{**saved, **kept})
-
-
-class LossWatch:
-    """Warns when the loss leaves its running range by orders of magnitude (a learning rate far too high shows
-    as a loss that explodes long before it turns into NaN)."""
-
-    def __init__(self, factor: float = 100.0, settle: int = 10) -> None:
-        self.level: float | None = None  # running mean of log10(loss)
-        self.factor, self.settle, self.seen = math.log10(factor), settle, 0
-
-    def update(self, loss: float) -> float | None:
-        """Feed one finite loss; returns the running level it jumped above (as a loss), else None."""
-        x = math.log10(max(loss, 1e-12))
-        jumped = self.level if self.level is not None and self.seen >= self.settle \
-            and x > self.level + self.factor else None
-        self.level = x if self.level is None else 0.9 * self.level + 0.1 * x
-        self.seen += 1
-        return 10 ** jumped if jumped is not None else None
-
-
-def nonfinite_tensors(state: dict[str, Any], prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) state dict that hold a NaN or an infinity."""
-    bad = []
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                bad.append(f"{prefix}{k}")
-        elif isinstance(v, dict):
-            bad += nonfinite_tensors(v, f"{prefix}{k}.")
-    return bad
 
 
 class Trainer:
@@ -467,8 +433,6 @@ class Trainer:
         self.warmup_images = max(round(c.warmup_epochs * len(self.train_samples)), 100 * c.batch) \
             if c.warmup_epochs > 0 else 0
         self.images_done, self.optimizer_steps = 0, 0
-        self.consecutive_skips, self.loss_watch = 0, LossWatch()
-        self.skipped_steps, self.amp_overflows = 0, 0  # per epoch, in results.csv
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
         self.backbone_frozen = False
@@ -482,11 +446,7 @@ class Trainer:
         self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
                                         max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
         self.loader = self._make_loader()
-        # every buffer (BatchNorm statistics) as it was at the start of an optimizer step's batches: a skipped
-        # step puts them back, as the train-mode forward changed them before the loss was known
-        self._buffers = list(self.model_unwrapped.buffers())
-        self._buffers_before = [b.detach().clone() for b in self._buffers]
-        self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
+        self.guard = StepGuard(self.model_unwrapped, self.device, c.max_skipped_steps, lr0, self.main)
 
         if self.main:
             self.save_dir = self.resume_dir or claim_run_dir(c.project, c.name)
@@ -611,9 +571,8 @@ class Trainer:
         c = self.config
         nb = len(self.sampler)
         mean_loss = torch.zeros(3, device=self.device)
-        self.window_loss = torch.zeros((), device=self.device)  # loss summed over an optimizer step's batches
-        images_since_step, self.images_seen, self.skipped_steps, self.amp_overflows = 0, 0, 0, 0
-        self.loss_warned = False
+        self.guard.new_epoch()
+        images_since_step, self.images_seen = 0, 0
         start = time.time()
         bar = tqdm(self.loader, total=nb, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.main,
                    unit="batch", leave=True, dynamic_ncols=True)
@@ -625,7 +584,7 @@ class Trainer:
             if self.main and epoch == 0 and i < c.plot_batches:
                 plot_batch(images, targets, self.names, self.save_dir / f"train_batch{i}.jpg")
             if images_since_step == 0:  # the first batch of an optimizer step: keep the buffers as they are
-                torch._foreach_copy_(self._buffers_before, self._buffers)  # one fused copy, no host sync
+                self.guard.begin()
             self.images_done += len(images) * self.world_size
             if self.images_done - len(images) * self.world_size < self.warmup_images:
                 self._warmup(self.images_done / self.warmup_images, epoch)
@@ -640,7 +599,7 @@ class Trainer:
             if self.world_size > 1:
                 loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
             self.scaler.scale(loss).backward()
-            self.window_loss += loss.detach()
+            self.guard.add(loss)
             mean_loss = (mean_loss * i + items) / (i + 1)
             images_since_step += self.sampler.batch_size_of(h, w) * self.world_size
             self.images_seen += len(images) * self.world_size
@@ -685,48 +644,19 @@ class Trainer:
                 g["momentum"] = c.warmup_momentum + progress * (c.momentum - c.warmup_momentum)
 
     def _optimizer_step(self, epoch: int, i: int) -> None:
-        """Clip, then step only if the loss, the gradients and the buffers are all finite; otherwise put the
-        buffers back as they were, so a skipped step leaves every tensor unchanged."""
+        """Clip, then step only if the loss, the gradients and the buffers are all finite (the guard reads all
+        with one host sync); otherwise the guard puts the buffers back, so a skipped step leaves every tensor
+        unchanged."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = nn.utils.clip_grad_norm_(params, self.config.clip_grad)
-        peak = torch.stack(torch._foreach_norm(self._float_buffers, ord=math.inf)).max() if self._float_buffers \
-            else torch.zeros((), device=self.device)
-        # one host sync per optimizer step for all four
-        grads_ok, buffers_ok, loss_ok, loss = torch.stack(
-            [torch.isfinite(norm).float(), torch.isfinite(peak).float(), torch.isfinite(self.window_loss).float(),
-             self.window_loss.float()]).tolist()
-        self.window_loss.zero_()
-        if grads_ok and buffers_ok and loss_ok:
+        if self.guard.check(norm, self.scaler, epoch, i):
             self.scaler.step(self.optimizer)
             self.optimizer_steps += 1
-            self.consecutive_skips = 0
             if self.ema is not None:
                 self.ema.update(model=self.model_unwrapped)
                 if self.backbone_frozen:
                     self._hold_ema_backbone()
-            level = self.loss_watch.update(loss)
-            if level is not None and not self.loss_warned and self.main:
-                self.loss_warned = True  # once per epoch
-                log.warning("epoch %d batch %d: loss %.3g is over 100x its running level %.3g; the learning rate "
-                            "(lr0 %g) may be too high", epoch + 1, i + 1, loss, level, self.lr0)
-        else:
-            torch._foreach_copy_(self._buffers, self._buffers_before)
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
-            if loss_ok and buffers_ok and scale > 1.0:
-                self.amp_overflows += 1  # routine under AMP: the scaler lowers its scale and the next step goes on
-            else:
-                self.skipped_steps += 1
-                self.consecutive_skips += 1
-                what = "loss" if not loss_ok else "BatchNorm statistics" if not buffers_ok else "gradient"
-                if self.main:
-                    log.warning("epoch %d batch %d: non-finite %s; step skipped, weights and buffers unchanged",
-                                epoch + 1, i + 1, what)
-                if self.consecutive_skips >= self.config.max_skipped_steps:
-                    raise TrainingDiverged(
-                        f"stopped at epoch {epoch + 1} batch {i + 1}: {self.consecutive_skips} optimizer steps in a "
-                        f"row had a non-finite {what}; lower --lr0 (now {self.lr0:g}) or check the data "
-                        f"(max_skipped_steps {self.config.max_skipped_steps})")
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -750,7 +680,8 @@ class Trainer:
                    "train/dfl_loss": self.epoch_loss[2],
                    **{f"lr/pg{j}": lr for j, lr in enumerate(epoch_lrs)},
                    **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
-                   "fitness": score, "skipped_steps": self.skipped_steps, "amp_overflows": self.amp_overflows}
+                   "fitness": score, "skipped_steps": self.guard.skipped_steps,
+                   "amp_overflows": self.guard.amp_overflows}
             self.history.append(row)  # the checkpoints carry the history, this row included
             best = self.best_fitness
             try:
