@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import _ultralytics
-from ..config import ConfigError, load_data_config, load_model_config
+from ..config import ConfigError, DataConfig, ModelConfig, load_data_config, load_model_config
 from ..datasets.detection import AugmentConfig, DetectionDataset, collate_detection, load_split, seed_worker
 from ..datasets.plots import plot_batch
 from ..datasets.sampler import MultiScaleBatchSampler
@@ -359,9 +359,29 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ before_train
     def before_train(self) -> None:
-        c = self.config
+        """Everything before epoch 1, in the order of its side effects: an unwritable run folder is said before
+        any data is read; the data is scanned before the memory probe; the run folder is claimed only after the
+        probe, so a run that cannot fit leaves no folder."""
         if self.main:
             self._check_outputs()
+        self._setup_device()
+        self._seed(self.config.seed + self.rank)
+        model_config, weights = self._model_definition()
+        data = self._load_data()
+        self._build_model(model_config, data, weights)
+        self._fit_batch()
+        self._build_optimizer()
+        self._start_state()
+        self._build_loader()
+        self.guard = StepGuard(self.model_unwrapped, self.device, self.config.max_skipped_steps, self.lr0, self.main)
+        if self.main:
+            self._open_run_folder()
+        self.t0 = time.time()
+        self.run_train_seconds, self.run_train_images, self.val_seconds = 0.0, 0, None
+
+    def _setup_device(self) -> None:
+        """This process's device; under torchrun, the process group too."""
+        c = self.config
         if self.world_size > 1:
             cuda = c.device not in ("cpu",) and torch.cuda.is_available()
             if cuda:
@@ -371,7 +391,10 @@ class Trainer:
         else:
             self.device = select_device(c.device)
         self.cuda = self.device.type == "cuda"
-        self._seed(c.seed + self.rank)
+
+    def _model_definition(self) -> tuple[ModelConfig, str | None]:
+        """The network to build and its backbone weights, checked before any data is read."""
+        c = self.config
         # a resumed run takes every weight from its checkpoint; a new one checks its backbone weights first
         # a resumed run rebuilds the network it trained, from the resolved definition in its checkpoint: an
         # edited YAML must not change it silently
@@ -380,27 +403,40 @@ class Trainer:
         if weights is None and self.checkpoint is None and c.frozen_epochs() and self.main:
             log.warning("--freeze %s with no pretrained backbone weights (--pretrained FILE, or the YAML's "
                         "backbone.pretrained): the backbone is held at its random initialisation", c.freeze)
+        return model_config, weights
 
-        self.data_yaml = resolve_data(c.data).resolve() if self.main else None
+    def _load_data(self) -> DataConfig:
+        """Resolve the data (rank 0 builds the synthetic set once), fill the options left to it, scan the
+        training split and set up validation."""
+        self.data_yaml = resolve_data(self.config.data).resolve() if self.main else None
         if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
             shared = [str(self.data_yaml) if self.data_yaml else None]
             torch.distributed.broadcast_object_list(shared, src=0)
             self.data_yaml = Path(shared[0])
         data = load_data_config(self.data_yaml)
         # stored absolute, so a resume from another folder finds the same data
-        self.config = c = dataclasses.replace(c.resolved(data.defaults, self.world_size), data=str(self.data_yaml))
+        self.config = dataclasses.replace(self.config.resolved(data.defaults, self.world_size),
+                                          data=str(self.data_yaml))
         self.names = data.names
         self.train_samples = load_split(data, "train")
-        # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
-        self.evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False) if (
-            c.val and self.main) else None
-        if self.evaluator is not None:
-            try:
-                self.evaluator.check_ground_truth()
-            except ConfigError as e:  # training itself does not need it: go on, and say loudly why no mAP
-                log.warning("%s; training goes on without validation (--no-val says so)", e)
-                self.evaluator = None
+        self.evaluator = self._make_evaluator()
+        return data
 
+    def _make_evaluator(self) -> COCOEvaluator | None:
+        # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
+        if not (self.config.val and self.main):
+            return None
+        evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False)
+        try:
+            evaluator.check_ground_truth()
+        except ConfigError as e:  # training itself does not need it: go on, and say loudly why no mAP
+            log.warning("%s; training goes on without validation (--no-val says so)", e)
+            return None
+        return evaluator
+
+    def _build_model(self, model_config: ModelConfig, data: DataConfig, weights: str | None) -> None:
+        """The model on its device, its EMA (rank 0), the gradient scaler and the loss."""
+        c = self.config
         model = build_model(model_config, nc=data.nc, pretrained=weights is not None)
         model.names = list(data.names)
         self.model: Detector = model.to(self.device)
@@ -409,60 +445,6 @@ class Trainer:
         self.ema = _ultralytics.model_ema(self.model, decay=c.ema_decay) if self.main else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp and self.cuda)
         self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
-
-        self._fit_batch()
-        c = self.config
-
-        lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
-        self.lr0 = lr0
-        accumulate = max(round(c.nbs / c.batch), 1)
-        weight_decay = c.weight_decay * c.batch * accumulate / c.nbs  # decay per image seen stays constant
-        groups = _param_groups(self.model, weight_decay)
-        if c.optimizer == "SGD":
-            self.optimizer = torch.optim.SGD(groups, lr=lr0, momentum=c.momentum, nesterov=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=lr0, betas=(c.momentum, 0.999))
-        for g in self.optimizer.param_groups:
-            g["initial_lr"] = lr0
-        self.lf = _lr_lambda(c.schedule, c.epochs, c.lrf)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
-
-        self.start_epoch, self.best_fitness, self.history = 0, -math.inf, []
-        # warm-up is counted in images from the start of the run and fixed here: under --multi-scale the number
-        # of batches changes every epoch, images do not (YOLOv8's rule: warmup_epochs, at least 100 batches)
-        self.warmup_images = max(round(c.warmup_epochs * len(self.train_samples)), 100 * c.batch) \
-            if c.warmup_epochs > 0 else 0
-        self.images_done, self.optimizer_steps = 0, 0
-        if self.checkpoint is not None:
-            self._load_state(self.checkpoint)
-        self.backbone_frozen = False
-        self._freeze_backbone(self.start_epoch)  # before DDP wraps the model: it reduces what needs a gradient
-        if self.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.local_rank] if self.cuda else None)
-
-        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *self._scales(),
-                                              seed=c.seed, rank=self.rank, world_size=self.world_size)
-        self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
-                                        max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
-        self.loader = self._make_loader()
-        self.guard = StepGuard(self.model_unwrapped, self.device, c.max_skipped_steps, lr0, self.main)
-
-        if self.main:
-            self.save_dir = self.resume_dir or claim_run_dir(c.project, c.name)
-            if self.checkpoint is not None and self.resume_dir is None:
-                log.warning("%s is not in the weights/ folder of a run (no args.yaml beside that folder): the resumed "
-                            "run continues in a new run folder, %s", self.resume_from, self.save_dir)
-            (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
-            resolved = {**dataclasses.asdict(c), "data": str(self.data_yaml), "lr0": lr0,
-                        "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
-            write_text(self.save_dir / "args.yaml", yaml.safe_dump(resolved, sort_keys=False))
-            n_params = sum(p.numel() for p in self.model.parameters())
-            log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, %d workers, "
-                     "device %s", c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
-                     [s[:3] for s in self.sampler.sizes], c.workers, self.device)
-        self.t0 = time.time()
-        self.run_train_seconds, self.run_train_images, self.val_seconds = 0.0, 0, None
 
     def _fit_batch(self) -> None:
         """The memory probe: the per-process batch that fits becomes the run's batch (see memory.fit_batch)."""
@@ -482,6 +464,65 @@ class Trainer:
         """The (h, w, batch) of every size a sampler of base batch ``base`` makes."""
         return MultiScaleBatchSampler(len(self.train_samples), self.config.imgsz, base, *self._scales(), rank=0,
                                       world_size=1).sizes
+
+    def _build_optimizer(self) -> None:
+        c = self.config
+        self.lr0 = lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
+        accumulate = max(round(c.nbs / c.batch), 1)
+        weight_decay = c.weight_decay * c.batch * accumulate / c.nbs  # decay per image seen stays constant
+        groups = _param_groups(self.model, weight_decay)
+        if c.optimizer == "SGD":
+            self.optimizer = torch.optim.SGD(groups, lr=lr0, momentum=c.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=lr0, betas=(c.momentum, 0.999))
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = lr0
+        self.lf = _lr_lambda(c.schedule, c.epochs, c.lrf)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
+
+    def _start_state(self) -> None:
+        """Where the run starts (epoch 1, or the checkpoint's state), the backbone held or not, then DDP."""
+        c = self.config
+        self.start_epoch, self.best_fitness, self.history = 0, -math.inf, []
+        # warm-up is counted in images from the start of the run and fixed here: under --multi-scale the number
+        # of batches changes every epoch, images do not (YOLOv8's rule: warmup_epochs, at least 100 batches)
+        self.warmup_images = max(round(c.warmup_epochs * len(self.train_samples)), 100 * c.batch) \
+            if c.warmup_epochs > 0 else 0
+        self.images_done, self.optimizer_steps = 0, 0
+        if self.checkpoint is not None:
+            self._load_state(self.checkpoint)
+        self.backbone_frozen = False
+        self._freeze_backbone(self.start_epoch)  # before DDP wraps the model: it reduces what needs a gradient
+        if self.world_size > 1:
+            self.model = self._ddp()
+
+    def _ddp(self) -> nn.parallel.DistributedDataParallel:
+        return nn.parallel.DistributedDataParallel(self.model_unwrapped,
+                                                   device_ids=[self.local_rank] if self.cuda else None)
+
+    def _build_loader(self) -> None:
+        c = self.config
+        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *self._scales(),
+                                              seed=c.seed, rank=self.rank, world_size=self.world_size)
+        self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
+                                        max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
+        self.loader = self._make_loader()
+
+    def _open_run_folder(self) -> None:
+        """Claim the run folder (a resumed run keeps its own) and write the resolved configuration to it."""
+        c = self.config
+        self.save_dir = self.resume_dir or claim_run_dir(c.project, c.name)
+        if self.checkpoint is not None and self.resume_dir is None:
+            log.warning("%s is not in the weights/ folder of a run (no args.yaml beside that folder): the resumed "
+                        "run continues in a new run folder, %s", self.resume_from, self.save_dir)
+        (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
+        resolved = {**dataclasses.asdict(c), "data": str(self.data_yaml), "lr0": self.lr0,
+                    "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
+        write_text(self.save_dir / "args.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, %d workers, "
+                 "device %s", c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
+                 [s[:3] for s in self.sampler.sizes], c.workers, self.device)
 
     def _make_loader(self) -> DataLoader:
         c = self.config
@@ -556,8 +597,7 @@ class Trainer:
                 log.info("backbone frozen (weights and BatchNorm statistics held) until the end of epoch %d "
                          "(--freeze %s)", self.config.frozen_epochs(), self.config.freeze)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model_unwrapped, device_ids=[self.local_rank] if self.cuda else None)
+            self.model = self._ddp()
 
     def _hold_ema_backbone(self) -> None:
         """The EMA's backbone equal to the frozen one, bit for bit (an average of equal numbers may round)."""
@@ -585,38 +625,47 @@ class Trainer:
                 plot_batch(images, targets, self.names, self.save_dir / f"train_batch{i}.jpg")
             if images_since_step == 0:  # the first batch of an optimizer step: keep the buffers as they are
                 self.guard.begin()
-            self.images_done += len(images) * self.world_size
-            if self.images_done - len(images) * self.world_size < self.warmup_images:
-                self._warmup(self.images_done / self.warmup_images, epoch)
-            h, w = images.shape[-2:]
-            x = images.to(self.device, non_blocking=True)
-            if self.cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = x.float() / 255
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
-                maps = self.model(x)
-            loss, items = self.criterion([m.float() for m in maps], targets.to(self.device, non_blocking=True))
-            if self.world_size > 1:
-                loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
-            self.scaler.scale(loss).backward()
-            self.guard.add(loss)
+            items = self._train_one_iter(images, targets, epoch)
             mean_loss = (mean_loss * i + items) / (i + 1)
+            h, w = images.shape[-2:]
             images_since_step += self.sampler.batch_size_of(h, w) * self.world_size
             self.images_seen += len(images) * self.world_size
             if images_since_step >= c.nbs or i == nb - 1:
                 self._optimizer_step(epoch, i)
                 images_since_step = 0
             if self.main and (i % every == 0 or i == nb - 1):
-                box, cls, dfl = mean_loss.tolist()
-                mem = f"{(torch.cuda.memory_reserved(self.device) if self.cuda else resident_bytes()) / GiB:.1f}G"
-                bar.set_postfix(box=f"{box:.3f}", cls=f"{cls:.3f}", dfl=f"{dfl:.3f}", size=f"{h}x{w}",
-                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem,
-                                run=self._run_progress(time.time() - start, epoch), refresh=False)
+                self._show_progress(bar, mean_loss, (h, w), time.time() - start, epoch)
         bar.close()
         self.epoch_loss = mean_loss.tolist()
         self.epoch_time = time.time() - start
         self.run_train_seconds += self.epoch_time
         self.run_train_images += self.images_seen
+
+    def _train_one_iter(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Warm-up, forward, loss and backward of one batch (the optimizer steps apart); returns the loss items."""
+        self.images_done += len(images) * self.world_size
+        if self.images_done - len(images) * self.world_size < self.warmup_images:
+            self._warmup(self.images_done / self.warmup_images, epoch)
+        x = images.to(self.device, non_blocking=True)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.float() / 255
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
+            maps = self.model(x)
+        loss, items = self.criterion([m.float() for m in maps], targets.to(self.device, non_blocking=True))
+        if self.world_size > 1:
+            loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
+        self.scaler.scale(loss).backward()
+        self.guard.add(loss)
+        return items
+
+    def _show_progress(self, bar: tqdm, mean_loss: torch.Tensor, size: tuple[int, int], epoch_seconds: float,
+                       epoch: int) -> None:
+        box, cls, dfl = mean_loss.tolist()
+        mem = f"{(torch.cuda.memory_reserved(self.device) if self.cuda else resident_bytes()) / GiB:.1f}G"
+        bar.set_postfix(box=f"{box:.3f}", cls=f"{cls:.3f}", dfl=f"{dfl:.3f}", size=f"{size[0]}x{size[1]}",
+                        lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem,
+                        run=self._run_progress(epoch_seconds, epoch), refresh=False)
 
     def _run_progress(self, epoch_seconds: float, epoch: int) -> str:
         """'elapsed<remaining' for the whole run: training at the pace seen so far, plus validation at the
@@ -661,44 +710,57 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_epoch(self, epoch: int) -> None:
-        c = self.config
         epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what this epoch trained with, for results.csv
         with warnings.catch_warnings():  # an epoch whose steps were all skipped is reported in results.csv instead
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         if self.main:
-            metrics: dict[str, Any] = {}
-            if self.evaluator is not None:
-                t0 = time.time()
-                metrics = validate(self.ema.ema, self.data_yaml, imgsz=c.imgsz, batch=c.val_batch or 2 * c.batch,
-                                   device=self.device, workers=c.workers, evaluator=self.evaluator, progress=True)
-                self.val_seconds = time.time() - t0
-            score = fitness(metrics, sum(self.epoch_loss))
-            row = {"epoch": epoch + 1, "time_s": round(self.epoch_time, 1),
-                   "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
-                   "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
-                   "train/dfl_loss": self.epoch_loss[2],
-                   **{f"lr/pg{j}": lr for j, lr in enumerate(epoch_lrs)},
-                   **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
-                   "fitness": score, "skipped_steps": self.guard.skipped_steps,
-                   "amp_overflows": self.guard.amp_overflows}
-            self.history.append(row)  # the checkpoints carry the history, this row included
-            best = self.best_fitness
-            try:
-                if score >= self.best_fitness:  # ties go to the later, longer-trained epoch
-                    self.best_fitness = score
-                    self._save("best.pt", epoch, metrics)
-                self._save("last.pt", epoch, metrics)
-            except BaseException:  # results.csv lists only epochs whose checkpoint is safely written
-                self.history.pop()
-                self.best_fitness = best
-                raise
+            metrics = self._validate()
+            row = self._results_row(epoch, epoch_lrs, metrics)
+            self._save_epoch(epoch, row, metrics)
             self._write_results()
             if metrics:
                 log.info("epoch %d: mAP50-95 %.4f mAP50 %.4f, %.1f img/s", epoch + 1, metrics["map"],
                          metrics["map50"], row["images_per_s"])
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def _validate(self) -> dict[str, Any]:
+        """The EMA model's metrics on the val split; none without validation."""
+        if self.evaluator is None:
+            return {}
+        c = self.config
+        t0 = time.time()
+        metrics = validate(self.ema.ema, self.data_yaml, imgsz=c.imgsz, batch=c.val_batch or 2 * c.batch,
+                           device=self.device, workers=c.workers, evaluator=self.evaluator, progress=True)
+        self.val_seconds = time.time() - t0
+        return metrics
+
+    def _results_row(self, epoch: int, lrs: list[float], metrics: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's row of results.csv."""
+        return {"epoch": epoch + 1, "time_s": round(self.epoch_time, 1),
+                "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
+                "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
+                "train/dfl_loss": self.epoch_loss[2],
+                **{f"lr/pg{j}": lr for j, lr in enumerate(lrs)},
+                **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
+                "fitness": fitness(metrics, sum(self.epoch_loss)), "skipped_steps": self.guard.skipped_steps,
+                "amp_overflows": self.guard.amp_overflows}
+
+    def _save_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """best.pt when the epoch's fitness is the best so far, then last.pt; the checkpoints carry the history,
+        this row included."""
+        self.history.append(row)
+        best = self.best_fitness
+        try:
+            if row["fitness"] >= self.best_fitness:  # ties go to the later, longer-trained epoch
+                self.best_fitness = row["fitness"]
+                self._save("best.pt", epoch, metrics)
+            self._save("last.pt", epoch, metrics)
+        except BaseException:  # results.csv lists only epochs whose checkpoint is safely written
+            self.history.pop()
+            self.best_fitness = best
+            raise
 
     def _save(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
         """Write a checkpoint, only when every tensor in it is finite."""
