@@ -209,7 +209,7 @@ def _lr_lambda(schedule: str, epochs: int, lrf: float):
     return lambda e: max(1 - e / epochs, 0) * (1.0 - lrf) + lrf
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weights with decay; norm weights and all biases without (decay on them only hurts)."""
     decay, no_decay, biases = [], [], []
     for module in model.modules():
@@ -224,6 +224,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
                 decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
             {"params": biases, "weight_decay": 0.0}]
+
+
+_param_groups = param_groups  # the old name, while benchmark.py still imports it: remove once it imports param_groups
 
 
 def fitness(metrics: dict[str, Any], loss: float) -> float:
@@ -470,7 +473,7 @@ class Trainer:
         self.lr0 = lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
         accumulate = max(round(c.nbs / c.batch), 1)
         weight_decay = c.weight_decay * c.batch * accumulate / c.nbs  # decay per image seen stays constant
-        groups = _param_groups(self.model, weight_decay)
+        groups = param_groups(self.model, weight_decay)
         if c.optimizer == "SGD":
             self.optimizer = torch.optim.SGD(groups, lr=lr0, momentum=c.momentum, nesterov=True)
         else:
