@@ -409,8 +409,8 @@ class Trainer:
         return model_config, weights
 
     def _load_data(self) -> DataConfig:
-        """Resolve the data (rank 0 builds the synthetic set once), fill the options left to it, scan the
-        training split and set up validation."""
+        """Resolve the data YAML, fill the options left to the data (imgsz, epochs, close_mosaic, workers), scan
+        the training split and set up validation."""
         self.data_yaml = resolve_data(self.config.data).resolve() if self.main else None
         if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
             shared = [str(self.data_yaml) if self.data_yaml else None]
