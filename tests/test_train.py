@@ -153,7 +153,7 @@ def test_non_finite_loss_never_reaches_the_weights(shapes, tmp_path, caplog):
     trainer.before_epoch(0)
     with caplog.at_level(logging.WARNING):
         trainer.train_one_epoch(0)
-    assert trainer.skipped_steps >= 1 and "non-finite" in caplog.text
+    assert trainer.guard.skipped_steps >= 1 and "non-finite" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
     assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.ema.state_dict().items())
 
