@@ -115,7 +115,7 @@ def test_plot_has_float_and_int8_markers_against_gflops_and_map(benchmark_rows):
 @pytest.mark.parametrize("kwargs, message", [
     ({"cfgs": ["no_such.yaml"]}, "no_such.yaml: no such model YAML"),
     ({"backends": ["tensorrt"]}, "unknown backend"),
-    ({"imgsz": [100]}, "multiples of 32"),
+    ({"imgsz": [100]}, "--imgsz must be a positive multiple of 32, got 100"),
     ({"half": True}, "--half needs a CUDA device"),
     ({"batch": 0}, "at least 1"),
     ({"map_file": Path("missing.csv")}, "missing.csv: mAP results file not found"),

@@ -193,11 +193,11 @@ def train_speed(model, imgsz: int, batch: int, device, steps: int = 5, warmup: i
                 amp: bool = False) -> float:
     """Training images per second: forward, our detection loss, backward and an SGD step, on random images
     with random boxes at a fixed ``batch`` (the nominal batch: no accumulation)."""
-    from .engine.trainer import _param_groups
+    from .engine.trainer import param_groups
     from .loss import DetectionLoss
 
     model = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.SGD(_param_groups(model, 5e-4), lr=0.01, momentum=0.937, nesterov=True)
+    optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.01, momentum=0.937, nesterov=True)
     criterion = DetectionLoss(model.nc, list(model.strides))
     x = torch.rand(batch, 3, imgsz, imgsz, device=device)
     targets = random_targets(batch, imgsz, imgsz, model.nc).to(device)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import _ultralytics
-from ..config import ConfigError, DataConfig, ModelConfig, load_data_config, load_model_config
+from ..config import ConfigError, DataConfig, ModelConfig, check_imgsz, flag, load_data_config, load_model_config
 from ..datasets.detection import AugmentConfig, DetectionDataset, collate_detection, load_split, seed_worker
 from ..datasets.plots import plot_batch
 from ..datasets.sampler import MultiScaleBatchSampler
@@ -48,10 +48,6 @@ from .validate import validate
 
 log = logging.getLogger(__name__)
 
-
-def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A field that is also a ``yolo-mobile train`` flag: the CLI reads its type, default and help from here."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
@@ -130,8 +126,8 @@ class TrainConfig:
 
     def check(self) -> None:
         self._check_numbers()
-        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
-            raise ConfigError(f"imgsz must be a positive multiple of 32, got {self.imgsz}")
+        if self.imgsz is not None:
+            check_imgsz(self.imgsz)
         if self.optimizer not in ("SGD", "AdamW"):
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; valid: SGD, AdamW")
         if self.schedule not in ("linear", "cosine"):
@@ -226,7 +222,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": biases, "weight_decay": 0.0}]
 
 
-_param_groups = param_groups  # the old name, while benchmark.py still imports it: remove once it imports param_groups
 
 
 def fitness(metrics: dict[str, Any], loss: float) -> float:
