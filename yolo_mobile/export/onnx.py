@@ -192,7 +192,10 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             raise ImportError("--simplify needs onnxslim: pip install onnxslim") from None
         graph = onnxslim.slim(graph)
     names = class_names(model)
-    meta = {"names": json.dumps(names), "stride": "32", "imgsz": str(imgsz), "batch": str(batch),
+    # imgsz as [h, w], task and args (a Python literal) as ultralytics' exports write them, so its predict and val
+    # read the file (docs/ultralytics.md)
+    meta = {"names": json.dumps(names), "stride": "32", "imgsz": json.dumps([imgsz, imgsz]), "batch": str(batch),
+            "task": "detect", "args": repr({"dynamic": bool(dynamic), "nms": bool(nms)}),
             "dynamic": str(dynamic).lower(), "nms": str(nms).lower(), "max_det": str(max_det), "conf": str(conf),
             "iou": str(iou), "box_format": "xyxy" if nms else "cxcywh", "producer": f"yolo-mobile {__version__}",
             "model": json.dumps(model.config.to_dict()) if hasattr(model, "config") else ""}
