@@ -481,7 +481,7 @@ class OnnxBackend:
         self.names = json.loads(meta["names"]) if "names" in meta else None
         shape = self.session.get_inputs()[0].shape
         self.batch = shape[0] if isinstance(shape[0], int) else None
-        self.imgsz = int(meta["imgsz"]) if "imgsz" in meta and meta.get("dynamic") != "true" else None
+        self.imgsz = onnx_imgsz(meta["imgsz"]) if "imgsz" in meta and meta.get("dynamic") != "true" else None
         if self.imgsz is None and isinstance(shape[2], int) and shape[2] == shape[3]:  # a file without metadata
             self.imgsz = shape[2]
         self.stride = int(meta.get("stride", 32))
@@ -497,6 +497,13 @@ class OnnxBackend:
         if self.nms_inside:
             return torch.from_numpy(outputs[0]).float(), torch.from_numpy(outputs[1])
         return torch.from_numpy(outputs[0]).float()
+
+
+def onnx_imgsz(value: str) -> int:
+    """The square input size in an export's metadata: "[640, 640]" (ultralytics' layout, ours since it was read by
+    their tools), or "640" as earlier exports wrote it."""
+    size = json.loads(value)
+    return int(size[0] if isinstance(size, list) else size)
 
 
 class TfliteBackend:

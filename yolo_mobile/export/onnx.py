@@ -146,8 +146,11 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
         except ImportError:
             raise ImportError("--simplify needs onnxslim: pip install onnxslim") from None
         graph = onnxslim.slim(graph)
-    meta = metadata(model, imgsz, "float16" if half else "float32", batch=batch, dynamic=dynamic, nms=nms,
-                    max_det=max_det, conf=conf, iou=iou, box_format="xyxy" if nms else "cxcywh")
+    # imgsz as [h, w], task and args (a Python literal) as ultralytics' exports write them, so its predict and val
+    # read the file (docs/ultralytics.md)
+    meta = {**metadata(model, imgsz, "float16" if half else "float32", batch=batch, dynamic=dynamic, nms=nms,
+                       max_det=max_det, conf=conf, iou=iou, box_format="xyxy" if nms else "cxcywh"),
+            "imgsz": [imgsz, imgsz], "task": "detect", "args": repr({"dynamic": bool(dynamic), "nms": bool(nms)})}
     del graph.metadata_props[:]
     for k, v in meta.items():  # ONNX metadata holds strings: the rest as JSON
         graph.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
