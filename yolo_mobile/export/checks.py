@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .onnx import BOX_TOLERANCE, PARITY_TOLERANCE, ExportError, _inputs
+from ..datasets.inference import sample_batch
+from .onnx import BOX_TOLERANCE, PARITY_TOLERANCE, ExportError
 
 # float16 weights: bounds on the max abs difference from float32 PyTorch, boxes as a fraction of the input size
 # (cx, cy, w, h are pixels) and scores absolute. A float16 weight keeps 11 significant bits (relative step 2^-11);
@@ -41,7 +42,7 @@ def check_inputs(imgsz: int, check_images: list[str | Path] | None = None) -> li
     """The batches every export is checked on: a random one and a drawn (or the given real) image, letterboxed."""
     paths = [Path(p) for p in check_images or []]
     return [("random", torch.rand(1, 3, imgsz, imgsz)),
-            ("real" if paths else "drawn", _inputs(paths, 1, imgsz, imgsz))]
+            ("real" if paths else "drawn", sample_batch(paths, 1, (imgsz, imgsz)))]
 
 
 def max_differences(module: nn.Module, run: Runner, imgsz: int,

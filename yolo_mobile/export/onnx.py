@@ -10,7 +10,7 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +70,6 @@ class DetectorWithNMS(nn.Module):
         return torch.stack(dets), torch.stack(counts)
 
 
-def _sample_image(imgsz: int) -> np.ndarray:
-    """A deterministic drawn image (shapes on a background), for checks when no real image is given."""
-    from ..datasets.synthetic import draw_sample
-
-    image, _ = draw_sample(np.random.default_rng(0), imgsz)
-    return image
-
-
-def _inputs(paths: list[Path], batch: int, h: int, w: int) -> torch.Tensor:
-    from ..datasets.labels import read_image
-    from ..datasets.letterbox import letterbox_chw
-
-    images = [read_image(p) for p in paths] or [_sample_image(max(h, w))]
-    boxed = [letterbox_chw(images[k % len(images)], (h, w))[0] for k in range(batch)]
-    return torch.from_numpy(np.stack(boxed)).float() / 255
-
-
 def _difference(out: np.ndarray, ref: np.ndarray, box_axis: int) -> tuple[float, float]:
     """(max abs difference of the box corners, of everything else); ``box_axis`` holds corners first, then the
     rest (scores, class)."""
@@ -100,12 +83,12 @@ def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any 
     on the raw outputs (``raw_session``) and the NMS part on identical inputs: PyTorch's NMS applied to ONNX
     Runtime's raw output. (Comparing end to end would let 1e-5 noise flip greedy NMS decisions among near-equal
     boxes.)"""
-    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
-    out = session.run(None, feed)
+    feed = x.numpy().astype(np.float32)
+    out = session.run(feed)
     if raw_session is None:
         with torch.no_grad():
             return _difference(out[0], module(x).numpy(), box_axis=1)
-    raw = raw_session.run(None, feed)[0]
+    raw = raw_session.run(feed)[0]
     with torch.no_grad():
         parts = [_difference(raw, module.model(x).numpy(), box_axis=1)]
         dets, counts = module.nms(torch.from_numpy(raw))
@@ -161,9 +144,10 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             half: bool, nms: bool, max_det: int, conf: float, iou: float, device: str,
             check_images: list[str | Path] | None) -> dict[str, Any]:
     import onnx
-    import onnxruntime as ort
 
+    from ..datasets.inference import sample_batch
     from ..engine.device import select_device
+    from ..runtimes import OnnxRuntime
     from ..version import __version__
 
     dev = select_device(device, "export")
@@ -208,7 +192,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     onnx.save(graph, str(output))
     export_s = time.perf_counter() - start
 
-    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    session = OnnxRuntime(output)
     raw_session = None
     if nms and not half:  # the model without NMS, for the parity check of each part
         raw_path = output.with_name(output.stem + ".raw-check.onnx")
@@ -216,7 +200,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             warnings.simplefilter("ignore")
             torch.onnx.export(fused, (x.cpu().float(),), str(raw_path), dynamo=False, opset_version=opset,
                               input_names=["images"], output_names=["output0"], dynamic_axes=axes or None)
-        raw_session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
+        raw_session = OnnxRuntime(raw_path)
         raw_path.unlink()
     paths = [Path(p) for p in (check_images or [])]
     shapes = [(batch, imgsz, imgsz)]
@@ -226,7 +210,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     if not half:  # fp16 runs on the GPU only; its parity is reported by the GPU benchmark instead
         for b, h, w in shapes:
             diffs.append(_compare(module, session, torch.rand(b, 3, h, w), raw_session))
-            diffs.append(_compare(module, session, _inputs(paths, b, h, w), raw_session))
+            diffs.append(_compare(module, session, sample_batch(paths, b, (h, w)), raw_session))
             checked.append(f"random and {'real' if paths else 'drawn'} images at {b}x3x{h}x{w}")
     box_tolerance = BOX_TOLERANCE * imgsz
     worst = max((max(d) for d in diffs), default=float("nan"))
@@ -236,50 +220,3 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
                           f"(tolerance {PARITY_TOLERANCE:.0e})")
     return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
             "checked": checked}
-
-
-def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):
-    """An ONNX Runtime session on the CUDA provider when asked and installed, else the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None, cuda: bool = False, half: bool = False,
-                 rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved
-    (``interleaved_latency``)."""
-    sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
-    x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
-             for k, s in sessions.items()}
-    calls = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
-    times = interleaved_latency(calls, runs, warmup, rounds)
-    return {k: {**v, "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
-
-
-def interleaved_latency(calls: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 5,
-                        rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """Median and p90 milliseconds of each call, interleaved: the ``runs`` are split into ``rounds`` blocks that
-    alternate between the calls, so a load that comes and goes on a shared machine falls on all of them alike."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    rounds = max(1, min(rounds, runs))
-    for r in range(rounds):
-        n = runs // rounds + (r < runs % rounds)
-        for k, call in calls.items():
-            for _ in range(n):
-                t = time.perf_counter()
-                call()
-                times[k].append((time.perf_counter() - t) * 1000)
-    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)}
-            for k, v in times.items()}
