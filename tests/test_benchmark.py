@@ -162,7 +162,7 @@ def test_compare_ultralytics_rows(tmp_path):
 
 def test_every_models_exported_files_are_timed_together(monkeypatch):
     """One interleaved timing per size holds every model's files, so ratios between models share its time."""
-    import yolo_mobile.export.onnx
+    import yolo_mobile.runtimes.timing
 
     timed = []
 
@@ -170,7 +170,7 @@ def test_every_models_exported_files_are_timed_together(monkeypatch):
         timed.append(sorted(calls))
         return {k: {"median_ms": 2.0 + k[0], "p90_ms": 9.0} for k in calls}
 
-    monkeypatch.setattr(yolo_mobile.export.onnx, "interleaved_latency", fake)
+    monkeypatch.setattr(yolo_mobile.runtimes.timing, "interleaved_latency", fake)
     config = BenchmarkConfig(cfgs=["yolov5n.yaml", "mobilenetv3_small_lite.yaml"], imgsz=[64, 96], runs=1,
                              warmup=0, backends=["onnxruntime"])
     rows = run_benchmark(config, progress=False)

@@ -14,7 +14,8 @@ from . import detector
 from .config import ModelConfig
 from .engine import checkpoint
 from .engine.postprocess import CONF, IOU, MAX_DET
-from .engine.predictor import Result, TorchBackend, predict
+from .engine.predictor import Result, predict
+from .runtimes import TorchRuntime
 
 
 class Model(detector.Detector):
@@ -29,7 +30,7 @@ class Model(detector.Detector):
         """Yield one result per image or frame of ``source`` (image, folder, glob, video, webcam index, URL):
         ``boxes`` (xyxy, original pixels), ``scores``, ``classes`` and ``names``."""
         device = next(self.parameters()).device
-        yield from predict(TorchBackend(self, device), source, imgsz, conf, iou, max_det, classes, batch)
+        yield from predict(TorchRuntime(self, device), source, imgsz, conf, iou, max_det, classes, batch)
 
 
 def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None = None,

@@ -24,7 +24,6 @@ from torch import nn
 
 from .config import default_names, flag
 from .engine.memory import peak_bytes, random_targets
-from .export.onnx import onnx_session
 from .files import write_text, write_with
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
@@ -105,10 +104,10 @@ class BenchmarkConfig:
         if phone and self.half:
             raise ConfigError(f"--backend {' '.join(phone)} times the float32 export on the CPU: drop --half")
         for backend in phone:
-            from .engine.runtimes import require_ncnn, require_tflite
+            from .runtimes import litert, ncnn
 
             try:
-                (require_tflite if backend == "tflite" else require_ncnn)()
+                (litert.require_tflite if backend == "tflite" else ncnn.require_ncnn)()
             except ImportError as e:
                 raise ConfigError(str(e)) from None
         if self.map_file is not None:
@@ -338,9 +337,9 @@ def runtime_latencies(models: list[dict[str, Path]], imgsz: int, config: Benchma
     with one another at one thread count (the CPUs this process may use): ONNX Runtime, LiteRT with XNNPACK, ncnn.
     Ratios between models and between a model's float and INT8 files then come from the same stretch of time,
     whatever else the machine was doing."""
-    from .engine.runtimes import ncnn_net, ncnn_run, tflite_interpreter, tflite_run
-    from .export.onnx import interleaved_latency
     from .resources import usable_cpus
+    from .runtimes import RUNTIMES
+    from .runtimes.timing import interleaved_latency
 
     threads = usable_cpus()
     calls: dict[tuple[int, str], Callable[[], object]] = {}
@@ -349,16 +348,13 @@ def runtime_latencies(models: list[dict[str, Path]], imgsz: int, config: Benchma
     for i, files in enumerate(models):
         for key, path in files.items():
             if key.startswith("onnxruntime"):
-                session = onnx_session(path, device.type == "cuda", threads)
-                feed = {session.get_inputs()[0].name: x.astype(np.float16) if config.half else x}
-                calls[i, key] = lambda session=session, feed=feed: session.run(None, feed)
-                providers[i, key] = session.get_providers()[0]
-            elif key == "tflite":
-                runner = tflite_interpreter(path, threads)
-                calls[i, key] = lambda runner=runner: tflite_run(runner, x)
-            elif key == "ncnn":
-                net = ncnn_net(path, threads)
-                calls[i, key] = lambda net=net: ncnn_run(net, x)
+                runtime = RUNTIMES.get("onnxruntime")(path, device, threads)
+                feed = x.astype(np.float16) if config.half else x
+                calls[i, key] = lambda runtime=runtime, feed=feed: runtime.run(feed)
+                providers[i, key] = runtime.provider
+            elif key in ("tflite", "ncnn"):
+                runtime = RUNTIMES.get(key)(path, threads)
+                calls[i, key] = lambda runtime=runtime: runtime.run(x)
     # ncnn's per-layer fork-join waits on any thread another process holds back (README: Benchmark)
     load = os.getloadavg()[0]
     times = interleaved_latency(calls, config.runs, config.warmup)

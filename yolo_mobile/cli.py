@@ -149,16 +149,16 @@ def cmd_val(args) -> int:
 
 def _exported(weights: str | None) -> bool:
     """An exported model (ONNX, TFLite, ncnn) rather than a checkpoint."""
-    from .engine.predictor import exported_format
+    from .runtimes import exported_format
 
     return exported_format(weights) is not None
 
 
 def _exported_for_val(args, nc: int, device):
     """An exported model (ONNX float or INT8, TFLite, ncnn) in its runtime; a fixed-size one sets ``args.imgsz``."""
-    from .engine.predictor import load_backend
+    from .runtimes import load_runtime
 
-    backend = load_backend(args.weights, device=device)
+    backend = load_runtime(args.weights, device=device)
     if backend.nms_inside:
         raise ConfigError(f"{args.weights}: NMS is inside the graph; val needs the raw output (export without --nms)")
     if len(backend.names) != nc:
@@ -221,16 +221,17 @@ def cmd_detect(args) -> int:
     import logging
 
     from .engine.device import select_device
-    from .engine.predictor import check_classes, detect, load_backend, resolve_source
+    from .engine.predictor import check_classes, detect, resolve_source
     from .files import check_writable, run_dir
+    from .runtimes import load_runtime
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     resolve_source(args.source)  # a missing or unreadable source fails before the model is built
     check_writable(args.project)
     device = select_device(args.device, "detect")
-    backend = load_backend(args.weights, args.cfg, device, args.half)
+    backend = load_runtime(args.weights, args.cfg, device, args.half)
     check_classes(args.classes, backend.names)
-    imgsz = _imgsz(args, backend)  # a TorchBackend of a checkpoint knows its training size
+    imgsz = _imgsz(args, backend)  # a TorchRuntime of a checkpoint knows its training size
     with run_dir(args.project, args.name) as save_dir:
         stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
                        max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,

@@ -38,13 +38,14 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import IMAGE_SUFFIXES, ConfigError, check_imgsz, default_names, flag
+from ..config import IMAGE_SUFFIXES, ConfigError, check_imgsz, flag
+from ..datasets.inference import SourceError
 from ..datasets.labels import read_image, write_image
-from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
+from ..datasets.letterbox import LetterboxInfo, letterbox_batch, rect_shape, unletterbox_boxes
 from ..files import publish, write_text
 from ..resources import usable_cpus
+from ..runtimes import TorchRuntime
 from .postprocess import CONF, IOU, MAX_DET, non_max_suppression
-from .runtimes import is_ncnn_folder
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ class DetectConfig:
             check_imgsz(self.imgsz, "--imgsz")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".wmv", ".mpeg", ".mpg")
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
-
-
-class SourceError(FileNotFoundError):
-    """A source that cannot be read; raised before any work starts."""
 
 
 @dataclass
@@ -440,159 +437,11 @@ class _Behind:
             self.pool.shutdown(wait=True)
 
 
-# ----------------------------------------------------------------------------------------------------- models
-class TorchBackend:
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", half: bool = False) -> None:
-        self.device = torch.device(device)
-        if half and self.device.type != "cuda":
-            raise ValueError("--half needs a CUDA device")
-        from ..detector import MAX_STRIDE, class_names, inference_copy
-
-        self.model = inference_copy(model, self.device, half)
-        self.dtype = torch.float16 if half else torch.float32
-        self.names = class_names(model)
-        self.batch, self.imgsz, self.nms_inside = None, None, False  # any batch and size (multiples of stride)
-        self.stride = max(MAX_STRIDE, *(int(s) for s in getattr(model, "strides", [])))
-        self.train_imgsz = getattr(model, "train_imgsz", None)  # detect's default size for a checkpoint
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # predict hands over a channels_last batch: this is then a no-op on CPU
-        x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu()
-
-
-class OnnxBackend:
-    """An exported model run by ONNX Runtime; names, size, batch and embedded NMS come from its metadata.
-    ``imgsz`` is set when the file has a fixed height and width (then inputs are letterboxed square)."""
-
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail...: a file problem, not a bug to trace
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: not an ONNX model that ONNX Runtime can load ({reason})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.names = json.loads(meta["names"]) if "names" in meta else None
-        shape = self.session.get_inputs()[0].shape
-        self.batch = shape[0] if isinstance(shape[0], int) else None
-        self.imgsz = onnx_imgsz(meta["imgsz"]) if "imgsz" in meta and meta.get("dynamic") != "true" else None
-        if self.imgsz is None and isinstance(shape[2], int) and shape[2] == shape[3]:  # a file without metadata
-            self.imgsz = shape[2]
-        self.stride = int(meta.get("stride", 32))
-        self.nms_inside = meta.get("nms") == "true"
-        self.input_name = self.session.get_inputs()[0].name
-        self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
-        if self.names is None:
-            n = self.session.get_outputs()[0].shape[1]
-            self.names = default_names(n - 4) if isinstance(n, int) else []
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.numpy(), dtype=self.dtype)})
-        if self.nms_inside:
-            return torch.from_numpy(outputs[0]).float(), torch.from_numpy(outputs[1])
-        return torch.from_numpy(outputs[0]).float()
-
-
-def onnx_imgsz(value: str) -> int:
-    """The square input size in an export's metadata: "[640, 640]" (ultralytics' layout, ours since it was read by
-    their tools), or "640" as earlier exports wrote it."""
-    size = json.loads(value)
-    return int(size[0] if isinstance(size, list) else size)
-
-
-class TfliteBackend:
-    """A .tflite file run by the LiteRT interpreter (XNNPACK): batch 1, the size it was exported at; names and
-    size from its metadata. One interpreter is not thread-safe: predict runs it one batch at a time."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from .runtimes import require_tflite, tflite_interpreter, tflite_metadata
-
-        require_tflite()
-        self.runner = tflite_interpreter(path, threads)
-        meta = tflite_metadata(path)
-        _, _, h, w = self.runner.get_input_details()[0]["shape"]
-        outputs = int(self.runner.get_output_details()[0]["shape"][1])
-        self.names = meta.get("names") or default_names(outputs - 4)
-        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(h), int(meta.get("stride", 32)), False
-        if h != w:
-            raise ValueError(f"{path}: input {h}x{w} is not square; yolo-mobile exports square inputs")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .runtimes import tflite_run
-
-        return torch.from_numpy(tflite_run(self.runner, x.numpy()))
-
-
-class NcnnBackend:
-    """An ncnn export folder (model.ncnn.param, model.ncnn.bin, metadata.json) run by ncnn, one image at a time
-    at the size it was exported at; float16 storage only for a float16 export."""
-
-    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
-        from .runtimes import NCNN_METADATA, ncnn_metadata, ncnn_net, require_ncnn
-
-        require_ncnn()
-        meta = ncnn_metadata(folder)
-        if "imgsz" not in meta:
-            raise ValueError(f"{folder}: no {NCNN_METADATA} (written by yolo-mobile export --format ncnn); "
-                             "the input size is not known")
-        self.net = ncnn_net(folder, threads)
-        self.names = meta["names"]
-        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(meta["imgsz"]), int(meta["stride"]), False
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .runtimes import ncnn_run
-
-        return torch.from_numpy(ncnn_run(self.net, x.numpy()))
-
-
-def exported_format(weights: str | Path | None) -> str | None:
-    """'onnx', 'tflite' or 'ncnn' for an exported model (a .onnx or .tflite file, an ncnn export folder), else
-    None (a checkpoint, or nothing)."""
-    if weights is None:
-        return None
-    text = str(weights).rstrip("/")
-    if text.endswith(".onnx"):
-        return "onnx"
-    if text.endswith(".tflite"):
-        return "tflite"
-    if text.endswith("_ncnn") or is_ncnn_folder(text):
-        return "ncnn"
-    return None
-
-
 def check_classes(classes: list[int] | None, names: list[str]) -> None:
     """``classes`` (a filter on class indices) must name classes the model has."""
     wrong = [c for c in classes or [] if not 0 <= c < len(names)]
     if wrong and names:
         raise ValueError(f"classes {wrong} outside 0..{len(names) - 1} (the model has {len(names)} classes)")
-
-
-def load_backend(weights: str | Path | None = None, cfg: str | None = None, device: torch.device | str = "cpu",
-                 half: bool = False):
-    """A ``.pt`` checkpoint or a model YAML (PyTorch), an ``.onnx`` file (ONNX Runtime), a ``.tflite`` file
-    (LiteRT) or an ncnn export folder (ncnn)."""
-    kind = exported_format(weights)
-    if kind == "ncnn":
-        if not is_ncnn_folder(weights):
-            raise SourceError(f"{weights}: no ncnn export folder (with model.ncnn.param) there")
-        return NcnnBackend(weights)
-    if kind is not None:
-        if not Path(weights).is_file():
-            raise SourceError(f"{weights}: no such {'ONNX' if kind == 'onnx' else 'TFLite'} file")
-        return OnnxBackend(weights, device) if kind == "onnx" else TfliteBackend(weights)
-    if weights is not None:
-        from .checkpoint import load_model
-
-        return TorchBackend(load_model(weights), device, half)
-    from ..detector import build_model
-
-    return TorchBackend(build_model(cfg), device, half)
 
 
 # -------------------------------------------------------------------------------------------------- predicting
@@ -604,18 +453,6 @@ def input_shape(shapes: Iterable[tuple[int, int]], imgsz: int, stride: int = 32,
         return imgsz, imgsz
     hw = [rect_shape(s, imgsz, stride) for s in shapes]
     return max(h for h, _ in hw), max(w for _, w in hw)
-
-
-def _prepare(frames: list[Frame], shape: tuple[int, int]) -> tuple[torch.Tensor, list[LetterboxInfo]]:
-    """Letterbox each frame to ``shape``; a float (B, 3, H, W) RGB batch in 0-1, channels_last in memory. NumPy
-    and OpenCV only: on a worker thread, a torch op would start a second OpenMP team competing with the model's."""
-    boxed, infos = [], []
-    for image, _, _, bgr in frames:
-        b, info = letterbox(image, shape)
-        boxed.append(cv2.cvtColor(b, cv2.COLOR_BGR2RGB) if bgr else b)  # on the small letterboxed image
-        infos.append(info)
-    x = np.divide(boxed[0][None] if len(boxed) == 1 else np.stack(boxed), np.float32(255), dtype=np.float32)
-    return torch.from_numpy(x).permute(0, 3, 1, 2), infos  # (B, H, W, 3) in memory: channels_last
 
 
 def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
@@ -640,7 +477,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = C
     ``rect``: letterbox to the smallest stride multiple holding each frame at ``imgsz`` (a fixed-size ONNX model
     always gets its square). ``prefetch``: batches read and letterboxed ahead on a worker thread (0: inline).
     ``workers``: for a video or stream (every batch the same shape), batches run through ``backend`` (and NMS) on
-    this many threads at once; the backend must be thread-safe (``TorchBackend`` and ``OnnxBackend`` are), and
+    this many threads at once; the backend must be thread-safe (``TorchRuntime`` and ``OnnxRuntime`` are), and
     workers x torch threads should not exceed the CPUs (``detect`` sets both). Images run one batch at a time.
     ``drop_frames``: process the newest frame and drop stale ones (default: for webcams and streams, not files;
     see ``live_drops``); ``stats`` then counts frames read, processed ("frames") and dropped.
@@ -668,7 +505,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = C
             for items in batches:
                 t0 = time.perf_counter()
                 shape = input_shape((img.shape[:2] for img, *_ in items), size, stride, rect=not square)
-                x, infos = _prepare(items, shape)
+                x, infos = letterbox_batch([f[0] for f in items], shape, [f[3] for f in items])
                 yield items, x, infos, time.perf_counter() - t0
 
     def infer(items: list[Frame], x: torch.Tensor, infos: list[LetterboxInfo], pre_s: float):
@@ -739,7 +576,7 @@ def detect_parallelism(backend, source: Source) -> tuple[int, int | None]:
     are 10x slower when another process keeps a core busy (each of the hundreds of parallel regions waits for a
     descheduled thread), while 1-thread workers just share it. Anything else (images, CUDA, ONNX Runtime, a
     wrapped backend whose thread-safety is unknown) runs one batch at a time with torch's threads as they are."""
-    if source.kind == "images" or type(backend) is not TorchBackend or backend.device.type != "cpu":
+    if source.kind == "images" or type(backend) is not TorchRuntime or backend.device.type != "cpu":
         return 1, None
     cpus = usable_cpus()
     workers = 2 if cpus >= 2 else 1

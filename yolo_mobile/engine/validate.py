@@ -74,7 +74,7 @@ def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str 
              device: torch.device | str = "cpu", backend: str = "pycocotools", workers: int | None = None,
              save_dir: Path | None = None, save_json: bool = False, evaluator: COCOEvaluator | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` (a module, or a backend such as ``OnnxBackend`` taking a float batch) on a split;
+    """Evaluate ``model`` (a module, or a runtime such as ``OnnxRuntime`` taking a float batch) on a split;
     returns COCOEvaluator.summarize()'s dict plus timing and skipped counts."""
     check_imgsz(imgsz)
     evaluator = evaluator or COCOEvaluator.from_yolo(data, split, backend=backend)

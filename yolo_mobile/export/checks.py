@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import files
+from ..datasets.inference import sample_batch
 
 PARITY_TOLERANCE = 1e-3  # max abs difference of scores (and of boxes below BOX_TOLERANCE), float32
 # box corners, in pixels, within this fraction of the input side (0.032 px at 320): float32 sums in another order
@@ -85,7 +86,7 @@ def check_inputs(imgsz: int, check_images: list[str | Path] | None = None,
     paths = [Path(p) for p in check_images or []]
     image = "real" if paths else "drawn"
     return [batch for b, h, w in shapes or [(1, imgsz, imgsz)]
-            for batch in (("random", torch.rand(b, 3, h, w)), (image, image_batch(paths, b, h, w)))]
+            for batch in (("random", torch.rand(b, 3, h, w)), (image, sample_batch(paths, b, (h, w))))]
 
 
 def output_difference(out: np.ndarray, ref: np.ndarray, box_axis: int = 1) -> tuple[float, float]:

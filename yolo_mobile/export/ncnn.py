@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..config import check_imgsz
-from ..engine.runtimes import NCNN_METADATA as METADATA
-from ..engine.runtimes import NCNN_PARAM as PARAM
-from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
-from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
+from ..runtimes.ncnn import NCNN_METADATA as METADATA
+from ..runtimes.ncnn import NCNN_PARAM as PARAM
+from ..runtimes.ncnn import NCNN_WEIGHTS as WEIGHTS
+from ..runtimes.ncnn import NcnnRuntime, require_ncnn, unsupported_layers
 from .checks import (
     ConversionError,
     ExportReport,
@@ -76,7 +76,7 @@ def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bo
             shutil.move(str(workdir / name), str(partial / name))
         (partial / METADATA).write_text(metadata_json(metadata(model, imgsz, precision)) + "\n")
         report["export_s"] = time.perf_counter() - start
-        runner = ncnn_net(partial, half=half)
-        report.update(check_parity(fused, lambda a: ncnn_run(runner, a), imgsz, "ncnn", half, check_images))
+        runtime = NcnnRuntime(partial)  # float16 storage as the metadata just written says
+        report.update(check_parity(fused, runtime.run, imgsz, "ncnn", half, check_images))
         report["size_mb"] = (partial / WEIGHTS).stat().st_size / 2**20
     return ExportReport("ncnn", imgsz, {**report, "path": output})

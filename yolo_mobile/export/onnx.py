@@ -9,7 +9,6 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +63,9 @@ def _compare_nms(module: DetectorWithNMS, session: Any, raw_session: Any, x: tor
     """An embedded-NMS export against PyTorch: the model part on the raw outputs (``raw_session``), the NMS part
     on identical inputs: PyTorch's NMS applied to ONNX Runtime's raw output. (Comparing end to end would let 1e-5
     noise flip greedy NMS decisions among near-equal boxes.)"""
-    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
-    out = session.run(None, feed)
-    raw = raw_session.run(None, feed)[0]
+    feed = x.numpy().astype(np.float32)
+    out = session.run(feed)
+    raw = raw_session.run(feed)[0]
     with torch.no_grad():
         parts = [output_difference(raw, module.model(x).numpy())]
         dets, counts = module.nms(torch.from_numpy(raw))
@@ -111,9 +110,9 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             half: bool, nms: bool, max_det: int, conf: float, iou: float, device: str,
             check_images: list[str | Path] | None) -> dict[str, Any]:
     import onnx
-    import onnxruntime as ort
 
     from ..engine.device import select_device
+    from ..runtimes import OnnxRuntime
 
     dev = select_device(device, "export")
     if half and dev.type != "cuda":
@@ -157,7 +156,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     onnx.save(graph, str(output))
     export_s = time.perf_counter() - start
 
-    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    session = OnnxRuntime(output)
     raw_session = None
     if nms and not half:  # the model without NMS, for the parity check of each part
         raw_path = output.with_name(output.stem + ".raw-check.onnx")
@@ -165,7 +164,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             warnings.simplefilter("ignore")
             torch.onnx.export(fused, (x.cpu().float(),), str(raw_path), dynamo=False, opset_version=opset,
                               input_names=["images"], output_names=["output0"], dynamic_axes=axes or None)
-        raw_session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
+        raw_session = OnnxRuntime(raw_path)
         raw_path.unlink()
     shapes = [(batch, imgsz, imgsz)]
     if dynamic:
@@ -173,55 +172,7 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
     report = {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s,
               "max_abs_diff": float("nan"), "checked": []}
     if not half:  # fp16 runs on the GPU only; its parity is reported by the GPU benchmark instead
-        name = session.get_inputs()[0].name
         compare = (lambda x: _compare_nms(module, session, raw_session, x)) if raw_session is not None else None
-        report.update(check_parity(module, lambda a: session.run(None, {name: a})[0], imgsz, "ONNX Runtime",
+        report.update(check_parity(module, lambda a: session.run(a)[0], imgsz, "ONNX Runtime",
                                    check_images=check_images, shapes=shapes, compare=compare))
     return report
-
-
-def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):
-    """An ONNX Runtime session on the CUDA provider when asked and installed, else the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None, cuda: bool = False, half: bool = False,
-                 rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved
-    (``interleaved_latency``)."""
-    sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
-    x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
-             for k, s in sessions.items()}
-    calls = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
-    times = interleaved_latency(calls, runs, warmup, rounds)
-    return {k: {**v, "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
-
-
-def interleaved_latency(calls: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 5,
-                        rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """Median and p90 milliseconds of each call, interleaved: the ``runs`` are split into ``rounds`` blocks that
-    alternate between the calls, so a load that comes and goes on a shared machine falls on all of them alike."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    rounds = max(1, min(rounds, runs))
-    for r in range(rounds):
-        n = runs // rounds + (r < runs % rounds)
-        for k, call in calls.items():
-            for _ in range(n):
-                t = time.perf_counter()
-                call()
-                times[k].append((time.perf_counter() - t) * 1000)
-    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)}
-            for k, v in times.items()}
