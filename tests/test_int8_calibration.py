@@ -79,10 +79,11 @@ def test_histogram_calibration_prints_nothing(small_graph, tmp_path, capsys):
 
 
 def test_cli_calibration_choices_are_the_exporters():
-    from yolo_mobile.cli import build_parser
+    from yolo_mobile.cli import build_parser, options
+    from yolo_mobile.export.config import ExportConfig
 
     args = build_parser().parse_args(["export", "--weights", "m.pt", "--int8"])
-    assert args.calib_method == int8.CALIB_METHOD
+    assert options(args, ExportConfig).calib_method == int8.CALIB_METHOD
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--weights", "m.pt", "--calib-method", "kl"])
     for method in int8.CALIB_METHODS:
