@@ -4,7 +4,8 @@ NMS, draw and write the annotated video.
     python scripts/bench_detect.py --frames 80 --rounds 5 --imgsz 640
     python scripts/bench_detect.py --pairs yolov5n.yaml:yolov5nu.yaml mobilenetv3_large.yaml:yolov8n.yaml
 
-Ours: ``yolo_mobile.engine.predictor.detect`` on ``load_backend(cfg=...)``, saving the video as the CLI does.
+Ours: ``yolo_mobile.engine.predictor.detect`` on ``yolo_mobile.runtimes.load_runtime(cfg=...)``, saving the video as
+the CLI does.
 Theirs: ``YOLO(yaml).predict(source, stream=True, save=True, verbose=False)``, iterated. Both untrained (built
 from YAML, no download), on CPU, at the same conf and iou. Without ``--video`` a 16:9 video is made from coco128
 images (letterboxed with the package's letterbox, written with mp4v). Each round runs every model once in turn;
@@ -28,7 +29,8 @@ import torch
 
 from yolo_mobile.datasets.labels import read_image
 from yolo_mobile.datasets.letterbox import letterbox
-from yolo_mobile.engine.predictor import detect, load_backend, resolve_source
+from yolo_mobile.engine.predictor import detect, resolve_source
+from yolo_mobile.runtimes import load_runtime
 
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "coco128" / "images"
 
@@ -109,7 +111,7 @@ def main() -> None:
     pairs = [tuple(p.split(":")) for p in args.pairs]
     models = {}
     for ours, theirs in pairs:
-        models[("ours", ours)] = load_backend(cfg=ours)
+        models[("ours", ours)] = load_runtime(cfg=ours)
         models[("theirs", theirs)] = YOLO(theirs)
     load = os.getloadavg()[0]  # other work on the machine skews everything: say how much there was
     fps: dict[tuple, list[float]] = {key: [] for key in models}

@@ -1,5 +1,5 @@
 """ncnn beside ONNX Runtime on one model, to tell how yolo-mobile drives ncnn from ncnn's own speed: the same
-export run by ``NcnnBackend`` (ours) and by a bare ncnn loop (Net, one Extractor per image, nothing else), at the
+export run by ``NcnnRuntime`` (ours) and by a bare ncnn loop (Net, one Extractor per image, nothing else), at the
 thread count ORT gets, and ncnn and ORT at 1 thread, timed interleaved. ``--busy N`` starts N spinning processes for
 the run, to show what a busy machine does to each runtime. Prints median ms, the ratios to ORT and the load
 average.
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from yolo_mobile import build_model
-from yolo_mobile.engine.predictor import NcnnBackend
-from yolo_mobile.engine.runtimes import NCNN_PARAM, NCNN_WEIGHTS
 from yolo_mobile.export.ncnn import export_ncnn
-from yolo_mobile.export.onnx import export_onnx, interleaved_latency, onnx_session
+from yolo_mobile.export.onnx import export_onnx
 from yolo_mobile.resources import usable_cpus
+from yolo_mobile.runtimes import NcnnRuntime, OnnxRuntime
+from yolo_mobile.runtimes.ncnn import NCNN_PARAM, NCNN_WEIGHTS
+from yolo_mobile.runtimes.timing import interleaved_latency
 
 
 def spin() -> None:
@@ -64,14 +65,13 @@ def main() -> None:
         onnx_path, folder = Path(tmp) / "m.onnx", Path(tmp) / "m_ncnn"
         export_onnx(model, onnx_path, imgsz=args.imgsz)
         export_ncnn(model, folder, imgsz=args.imgsz)
-        session, single = onnx_session(onnx_path, False, threads), onnx_session(onnx_path, False, 1)
-        feed = {session.get_inputs()[0].name: x}
-        ours = NcnnBackend(folder, threads)
+        session, single = OnnxRuntime(onnx_path, threads=threads), OnnxRuntime(onnx_path, threads=1)
+        ours = NcnnRuntime(folder, threads)
         tensor = torch.from_numpy(x)
-        calls = {f"ORT {threads}t": lambda: session.run(None, feed),
+        calls = {f"ORT {threads}t": lambda: session.run(x),
                  f"ncnn ours {threads}t": lambda: ours(tensor),
                  f"ncnn bare {threads}t": bare_ncnn(folder, threads, x),
-                 "ORT 1t": lambda: single.run(None, feed),
+                 "ORT 1t": lambda: single.run(x),
                  "ncnn bare 1t": bare_ncnn(folder, 1, x)}
         spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
         for p in spinners:

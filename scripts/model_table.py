@@ -1,4 +1,4 @@
-"""Print the Markdown table of README's "Models" section: backbone and detector parameters and GFLOPs.
+"""Print the Markdown table of README's models section: backbone and detector parameters and GFLOPs.
 
     python scripts/model_table.py --imgsz 640 --compare-ultralytics
 """

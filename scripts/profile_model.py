@@ -5,9 +5,11 @@
 
 ONNX Runtime: each node's kernel time is the minimum over ``--runs`` runs (robust to a noisy machine), summed by
 operator type; with ``--conv-kinds``, convolutions are split by kind (dense, depthwise, depthwise with a channel
-multiplier, grouped; kernel size), read from the graph ONNX Runtime optimised. PyTorch: self CPU time per aten
-operator of the fused channels_last model, over the same runs. One thread by default, so the figures add up and do
-not depend on the other core's load.
+multiplier, grouped; kernel size), read from the graph ONNX Runtime optimised; with ``--by-module N``, summed by the
+first N parts of the module path in each node's name instead (1: backbone, neck, head; 2: neck.td4, head.box.0, ...;
+the head's decode, outside any submodule, as ``head: decode``). PyTorch: self CPU time per aten operator of the
+fused channels_last model, over the same runs. One thread by default, so the figures add up and do not depend on the
+other core's load.
 """
 
 import argparse
@@ -47,7 +49,19 @@ def conv_kinds(path: Path) -> dict[str, str]:
     return kinds
 
 
-def ort_profile(path: Path, imgsz: int, runs: int, threads: int, by_conv_kind: bool = False) -> dict[str, float]:
+def module_of(node: str, depth: int) -> str:
+    """'/neck/td4/cv1/conv/Conv' -> 'neck' (depth 1) or 'neck.td4' (depth 2); a node of the top module -> 'other',
+    one of a module's own ops (the head's decode: '/head/Softmax') -> 'head: decode'."""
+    parts = node.removesuffix("_kernel_time").split("/")[1:-1]
+    if not parts:
+        return "other"
+    if len(parts) == 1:
+        return f"{parts[0]}: decode" if parts[0] == "head" else parts[0]
+    return ".".join(parts[:depth])
+
+
+def ort_profile(path: Path, imgsz: int, runs: int, threads: int, by_conv_kind: bool = False,
+                by_module: int = 0) -> dict[str, float]:
     import onnxruntime as ort
 
     kinds = {}
@@ -72,7 +86,8 @@ def ort_profile(path: Path, imgsz: int, runs: int, threads: int, by_conv_kind: b
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_node[e["name"]].append(e["dur"])
-            op_of[e["name"]] = kinds.get(e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])
+            op_of[e["name"]] = module_of(e["name"], by_module) if by_module else kinds.get(
+                e["name"].removesuffix("_kernel_time"), e["args"]["op_name"])
     by_op: collections.Counter = collections.Counter()
     for node, durations in per_node.items():
         by_op[op_of[node]] += min(durations) / 1000
@@ -107,6 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--conv-kinds", action="store_true", help="split ONNX Runtime's Conv time by kind")
+    parser.add_argument("--by-module", type=int, default=0, metavar="N",
+                        help="sum ONNX Runtime's time by the first N parts of each node's module path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for path in args.onnx or []:
@@ -116,7 +133,8 @@ def main() -> None:
             print(f"## {path} at {args.imgsz}, {args.threads} thread(s)\n")
             print(table("ONNX Runtime, sum of per-node minimum kernel time", ort_profile(copy, args.imgsz, args.runs,
                                                                                            args.threads,
-                                                                                           args.conv_kinds), args.top))
+                                                                                           args.conv_kinds,
+                                                                                           args.by_module), args.top))
             print()
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in args.cfg or []:
@@ -127,7 +145,8 @@ def main() -> None:
             print(f"## {cfg} at {args.imgsz}: {info['gflops']:.2f} GFLOPs, {args.threads} thread(s)\n")
             print(table("ONNX Runtime, sum of per-node minimum kernel time", ort_profile(path, args.imgsz, args.runs,
                                                                                            args.threads,
-                                                                                           args.conv_kinds), args.top))
+                                                                                           args.conv_kinds,
+                                                                                           args.by_module), args.top))
             print()
             print(table("PyTorch eager, self CPU time per run", torch_profile(inference_copy(model), args.imgsz,
                                                                                  args.runs), args.top))

@@ -14,6 +14,7 @@ from yolo_mobile.benchmark import (
     UltralyticsDetector,
     format_markdown,
     peak_forward_memory_mb,
+    plot_points,
     read_map_file,
     run_benchmark,
     save_results,
@@ -33,11 +34,26 @@ def test_rows_hold_every_measurement(benchmark_rows):
     assert r["gflops"] == pytest.approx(info["gflops"])
     for key in ("torch_ms", "torch_p90_ms", "ort_ms", "ort_p90_ms", "throughput", "train_img_s"):
         assert r[key] > 0, key
-    assert r["torch_p90_ms"] >= r["torch_ms"] and r["ort_p90_ms"] >= r["ort_ms"]
     assert r["onnx_max_diff"] < 1e-3  # the ONNX file timed is one that passed the parity check
     assert r["onnx_mb"] > 1 and r["export_s"] > 0
     assert r["ort_provider"] == "CPUExecutionProvider" and r["batch"] == 2 and r["train_batch"] == 2
     assert "compiled_ms" not in r  # not asked for
+
+
+def test_time_fn_reports_the_median_and_90th_percentile_of_the_timed_runs(monkeypatch):
+    """On a scripted clock: each call of fn() takes k ms on the k-th timed run; warm-up runs are not counted."""
+    import yolo_mobile.benchmark as benchmark_module
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def fn():
+        clock["calls"] += 1
+        clock["now"] += (clock["calls"] - 2) / 1000 if clock["calls"] > 2 else 1.0  # two slow warm-up calls
+
+    monkeypatch.setattr(benchmark_module.time, "perf_counter", lambda: clock["now"])
+    result = benchmark_module.time_fn(fn, runs=10, warmup=2)
+    assert result["runs"] == 10 and clock["calls"] == 12
+    assert result["median_ms"] == pytest.approx(5.5) and result["p90_ms"] == pytest.approx(9.1)
 
 
 def test_markdown_has_measured_columns_only(benchmark_rows):
@@ -80,10 +96,26 @@ def test_map_file_plot_and_errors(benchmark_rows, tmp_path):
         read_map_file(tmp_path / "cols.csv")
 
 
+def test_plot_has_float_and_int8_markers_against_gflops_and_map(benchmark_rows):
+    _, result = benchmark_rows
+    points = plot_points(result)
+    for r in result:
+        mine = {(p.kind, p.x, p.y) for p in points if p.imgsz == r["imgsz"]}
+        assert mine == {("float", r["gflops"], r["ort_ms"]), ("int8", r["gflops"], r["ort_int8_ms"])}
+    assert {p.panel for p in points} == {"gflops"}
+    # with scores: the float model's and, under "name int8", its INT8 file's; a model without a score is left out
+    rows = [*result, {**result[0], "model": "ultralytics yolov8n", "source": "ultralytics"}]
+    scored = [p for p in plot_points(rows, {"yolov5n": 0.3, "yolov5n int8": 0.29}) if p.panel == "map"]
+    assert {(p.model, p.kind, p.x, p.y) for p in scored if p.imgsz == 64} == {
+        ("yolov5n", "float", result[0]["ort_ms"], 0.3), ("yolov5n", "int8", result[0]["ort_int8_ms"], 0.29)}
+    torch_only = [{k: v for k, v in r.items() if not k.startswith("ort")} for r in result]
+    assert {(p.kind, p.y) for p in plot_points(torch_only)} == {("float", r["torch_ms"]) for r in result}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"cfgs": ["no_such.yaml"]}, "no_such.yaml: no such model YAML"),
     ({"backends": ["tensorrt"]}, "unknown backend"),
-    ({"imgsz": [100]}, "multiples of 32"),
+    ({"imgsz": [100]}, "--imgsz must be a positive multiple of 32, got 100"),
     ({"half": True}, "--half needs a CUDA device"),
     ({"batch": 0}, "at least 1"),
     ({"map_file": Path("missing.csv")}, "missing.csv: mAP results file not found"),
@@ -128,6 +160,26 @@ def test_compare_ultralytics_rows(tmp_path):
     assert all(r["torch_ms"] > 0 and "ort_ms" not in r for r in result)
 
 
+def test_every_models_exported_files_are_timed_together(monkeypatch):
+    """One interleaved timing per size holds every model's files, so ratios between models share its time."""
+    import yolo_mobile.runtimes.timing
+
+    timed = []
+
+    def fake(calls, runs, warmup):
+        timed.append(sorted(calls))
+        return {k: {"median_ms": 2.0 + k[0], "p90_ms": 9.0} for k in calls}
+
+    monkeypatch.setattr(yolo_mobile.runtimes.timing, "interleaved_latency", fake)
+    config = BenchmarkConfig(cfgs=["yolov5n.yaml", "mobilenetv3_small_lite.yaml"], imgsz=[64, 96], runs=1,
+                             warmup=0, backends=["onnxruntime"])
+    rows = run_benchmark(config, progress=False)
+    assert timed == [[(0, "onnxruntime"), (1, "onnxruntime")]] * 2  # one timing per size, both models in it
+    assert [(r["model"], r["imgsz"], r["ort_ms"]) for r in rows] == [
+        ("yolov5n", 64, 2.0), ("yolov5n", 96, 2.0), ("mobilenetv3_small_lite", 64, 3.0),
+        ("mobilenetv3_small_lite", 96, 3.0)]
+
+
 def test_compile_column():
     config = BenchmarkConfig(cfgs=["yolov5n.yaml"], imgsz=[64], runs=1, warmup=0, backends=["torch"], compile=True)
     (row,) = run_benchmark(config, progress=False)
@@ -152,13 +204,26 @@ def test_cli_benchmark_writes_files(tmp_path, capsys):
     assert "multiple of 32, got 100" in capsys.readouterr().err
 
 
-def test_profile_script_labels_convolutions_by_kind(tmp_path):
+def profile_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("profile_model", Path(__file__).parents[1] / "scripts" /
                                                   "profile_model.py")
     profile_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_model)
+    return profile_model
+
+
+def test_profile_script_sums_by_module():
+    module_of = profile_script().module_of
+    assert module_of("/neck/td4/cv1/conv/Conv_kernel_time", 1) == "neck"
+    assert module_of("/neck/td4/cv1/conv/Conv_kernel_time", 2) == "neck.td4"
+    assert module_of("/head/Softmax_kernel_time", 2) == "head: decode"
+    assert module_of("Sub_kernel_time", 1) == "other"
+
+
+def test_profile_script_labels_convolutions_by_kind(tmp_path):
+    profile_model = profile_script()
     convs = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
                                 torch.nn.Conv2d(8, 32, 3, padding=1, groups=8), torch.nn.Conv2d(32, 16, 1, groups=4))
     path = tmp_path / "convs.onnx"

@@ -82,3 +82,35 @@ def test_safe_load_only(tmp_path):
     path = write(tmp_path, "nc: !!python/object/apply:os.system ['echo pwned']\nbackbone: {name: cspdarknet}\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_model_config(path)
+
+
+def test_light_neck_and_head_options_are_checked(tmp_path):
+    path = write(tmp_path, "backbone: {name: cspdarknet}\nneck: {depthwise: true, sppf: false}\n"
+                           "head: {channels: 48, shared: true}\n")
+    config = load_model_config(path)
+    assert (config.neck.depthwise, config.neck.sppf, config.head.channels, config.head.shared) == (True, False, 48,
+                                                                                                   True)
+    defaults = load_model_config("yolov5n.yaml")
+    assert (defaults.neck.depthwise, defaults.neck.sppf, defaults.head.channels, defaults.head.shared) == (
+        False, True, 0, False)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("head:\n  chanels: 48", "unknown key 'chanels' in 'head'; valid keys: reg_max, act, channels, shared"),
+    ("neck:\n  depthwise: 1", "'neck.depthwise' must be a bool, got 1"),
+    ("head:\n  channels: -8", "'head.channels' must be an integer >= 0"),
+])
+def test_light_options_refuse_bad_values_with_the_line(tmp_path, text, message):
+    path = write(tmp_path, f"backbone: {{name: cspdarknet}}\n{text}\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3: {message}"):
+        load_model_config(path)
+
+
+def test_every_lite_model_has_the_light_neck_and_head():
+    lite = [m for m in list_builtin_models() if m.endswith("_lite.yaml")]
+    assert {"mobilenetv3_small_lite.yaml", "mobilenetv3_large_lite.yaml", "emo_1m_lite.yaml",
+            "mobilevit_xxs_lite.yaml", "fastvit_t8_lite.yaml", "mobile_former_96m_lite.yaml"} <= set(lite)
+    for name in lite:
+        config = load_model_config(name)
+        full = load_model_config(name.replace("_lite", ""))
+        assert config.backbone == full.backbone and config.neck.depthwise and config.head.channels > 0

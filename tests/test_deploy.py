@@ -11,9 +11,11 @@ from torchvision.ops import box_iou
 
 from yolo_mobile import build_model, list_backbones
 from yolo_mobile.cli import main
+from yolo_mobile.datasets.inference import SourceError
 from yolo_mobile.engine.postprocess import non_max_suppression
-from yolo_mobile.engine.predictor import OnnxBackend, SourceError, TorchBackend, detect, predict, resolve_source
+from yolo_mobile.engine.predictor import detect, predict, resolve_source
 from yolo_mobile.export.onnx import canonical_order, export_onnx
+from yolo_mobile.runtimes import OnnxRuntime, TorchRuntime
 
 
 def lively(cfg="yolov5n.yaml", nc=80):
@@ -54,7 +56,7 @@ def test_video_keeps_frame_count_size_and_fps(tmp_path, capsys):
 
 def test_ctrl_c_leaves_a_playable_video(tmp_path):
     video = write_video(tmp_path / "in.mp4", frames=10)
-    backend = TorchBackend(build_model("yolov5n.yaml").eval())
+    backend = TorchRuntime(build_model("yolov5n.yaml").eval())
     calls = {"n": 0}
     real = backend.__call__
 
@@ -92,7 +94,7 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     cv2.imwrite(str(tmp_path / "a.jpg"), np.zeros((40, 60, 3), np.uint8))
     (tmp_path / "b.jpg").write_bytes(b"broken")
     stats = {}
-    results = list(predict(TorchBackend(build_model("yolov5n.yaml").eval()), tmp_path, imgsz=64, stats=stats))
+    results = list(predict(TorchRuntime(build_model("yolov5n.yaml").eval()), tmp_path, imgsz=64, stats=stats))
     assert len(results) == 1 and stats["skipped"] == 1
     assert results[0].orig_shape == (40, 60)
 
@@ -144,7 +146,7 @@ def test_nms_in_graph_matches_pytorch_path(tmp_path):
                          max_det=300)
     assert report["max_abs_diff"] < 1e-3
     export_onnx(model, tmp_path / "raw.onnx", imgsz=256, batch=2)
-    backend, raw = OnnxBackend(tmp_path / "nms.onnx"), OnnxBackend(tmp_path / "raw.onnx")
+    backend, raw = OnnxRuntime(tmp_path / "nms.onnx"), OnnxRuntime(tmp_path / "raw.onnx")
     assert backend.nms_inside and backend.batch == 2 and len(backend.names) == 80
     x = torch.rand(2, 3, 256, 256)
     dets, counts = backend(x)
@@ -168,13 +170,13 @@ def test_pt_and_onnx_give_the_same_detections(tmp_path):
     source.mkdir()
     for p in sorted((COCO128 / "images" / "val2017").glob("*.jpg"))[:4]:
         (source / p.name).symlink_to(p)
-    from yolo_mobile.engine.predictor import load_backend
+    from yolo_mobile.runtimes import load_runtime
 
     # conf 0.9: this untrained model predicts dense clusters of near-equal boxes lower down, where 1e-5 noise
     # between runtimes can flip a greedy NMS decision and cascade; a trained model has no such clusters
     # square letterbox for PyTorch too: the ONNX file has a fixed 320x320 input
-    torch_results = list(predict(load_backend(tmp_path / "m.pt"), source, imgsz=320, conf=0.9, rect=False))
-    onnx_backend = load_backend(tmp_path / "m.onnx")
+    torch_results = list(predict(load_runtime(tmp_path / "m.pt"), source, imgsz=320, conf=0.9, rect=False))
+    onnx_backend = load_runtime(tmp_path / "m.onnx")
     assert onnx_backend.names == model.names  # class names travel in the ONNX metadata
     onnx_results = list(predict(onnx_backend, source, imgsz=320, conf=0.9))
     assert len(torch_results) == len(onnx_results) == 4
@@ -195,7 +197,8 @@ def test_simplified_export_keeps_parity(tmp_path):
 
 
 def test_parity_bounds_boxes_by_the_input_size_and_scores_absolutely():
-    from yolo_mobile.export.onnx import BOX_TOLERANCE, PARITY_TOLERANCE, _difference
+    from yolo_mobile.export.checks import BOX_TOLERANCE, PARITY_TOLERANCE
+    from yolo_mobile.export.checks import output_difference as _difference
 
     # (B, 4 + nc, N): a trained mobilenetv3_large's corners moved up to ~5e-3 px in ONNX Runtime, scores 2e-6
     ref = np.zeros((1, 6, 3))

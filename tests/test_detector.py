@@ -8,6 +8,7 @@ from yolo_mobile import build_model
 from yolo_mobile.config import list_builtin_models
 
 MODELS = list_builtin_models()
+LITE_MODELS = [m for m in MODELS if m.endswith("_lite.yaml")]  # light neck and head: also a training step below
 
 
 def n_anchors(h: int, w: int) -> int:
@@ -149,8 +150,8 @@ def test_strides_the_neck_cannot_join_fail_at_build_with_the_strides():
 
 
 @pytest.mark.parametrize("cfg", ["mobilenetv3_small.yaml", "deit_tiny.yaml", "convit_tiny.yaml",
-                                 {"backbone": {"name": "mobilenetv3", "dilated": True}}],
-                         ids=["mobilenetv3_small", "deit", "convit", "dilated"])
+                                 {"backbone": {"name": "mobilenetv3", "dilated": True}}, *LITE_MODELS],
+                         ids=["mobilenetv3_small", "deit", "convit", "dilated", *LITE_MODELS])
 def test_one_training_step(cfg):
     from yolo_mobile.loss import DetectionLoss
 
@@ -162,3 +163,59 @@ def test_one_training_step(cfg):
     loss.backward()
     optimizer.step()
     assert torch.isfinite(items).all() and not torch.equal(first, next(model.backbone.parameters()))
+
+
+LITE = {"backbone": {"name": "mobilenetv3", "variant": "small"}}
+
+
+def test_default_neck_and_head_keep_their_keys_and_shapes():
+    """The neck's and head's state_dict of existing YAMLs, as written before the light options existed."""
+    import json
+    from pathlib import Path
+
+    before = json.loads((Path(__file__).parent / "data" / "neck_head_keys.json").read_text())
+    for cfg, shapes in before.items():
+        state = build_model(cfg, pretrained=False).state_dict()
+        assert {k: list(v.shape) for k, v in state.items() if k.startswith(("neck.", "head."))} == shapes
+
+
+def convs(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_depthwise_replaces_every_3x3_conv_of_neck_and_head():
+    from yolo_mobile.layers import DWSConv
+
+    dense = build_model(LITE, pretrained=False)
+    light = build_model({**LITE, "neck": {"depthwise": True}}, pretrained=False)
+    for part in ("neck", "head"):
+        assert not any(c.groups > 1 for c in convs(getattr(dense, part)))
+        assert any(c.kernel_size == (3, 3) for c in convs(getattr(dense, part)))
+        for c in convs(getattr(light, part)):  # every 3x3 depthwise, every other a 1x1
+            assert c.groups == c.in_channels == c.out_channels if c.kernel_size == (3, 3) else c.kernel_size == (1, 1)
+    assert isinstance(light.neck.td3.m[0].cv2, DWSConv) and isinstance(light.neck.down3, DWSConv)
+    assert all(isinstance(m, DWSConv) for branch in light.head.box for m in branch[:2])
+    assert sum(p.numel() for p in light.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_head_channels_set_the_branch_width(shared):
+    model = build_model({**LITE, "head": {"channels": 40, "shared": shared}}, nc=3, pretrained=False)
+    head = model.head
+    assert [b[-1].in_channels for b in (*head.box, *head.cls)] == [40] * 6
+    assert [b[-1].out_channels for b in (*head.box, *head.cls)] == [64] * 3 + [3] * 3
+    if shared:  # one stack per level; each branch keeps only its 1x1 prediction
+        assert [convs(s)[-1].out_channels for s in head.stem] == [40] * 3
+        assert all(len(b) == 1 for b in (*head.box, *head.cls))
+    else:
+        assert head.stem is None
+        assert all(c.out_channels == 40 for b in (*head.box, *head.cls) for c in convs(b)[:-1])
+    maps = model.train()(torch.rand(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [64 + 3] * 3
+
+
+def test_without_sppf_p5_enters_through_one_1x1_conv():
+    model = build_model({**LITE, "neck": {"sppf": False, "width": 0.125}}, pretrained=False)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.neck.modules())
+    assert [c.kernel_size for c in convs(model.neck.sppf)] == [(1, 1)]
+    assert convs(model.neck.sppf)[0].out_channels == model.neck.channels[2] == 128

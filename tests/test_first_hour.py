@@ -11,7 +11,6 @@ from yolo_mobile import cli
 from yolo_mobile.config import ConfigError, load_data_config
 from yolo_mobile.datasets.synthetic import EPOCHS, build_shapes
 from yolo_mobile.engine import memory
-from yolo_mobile.engine import trainer as trainer_module
 from yolo_mobile.engine.checkpoint import load_checkpoint
 from yolo_mobile.engine.memory import StepMemory, largest_batch
 from yolo_mobile.engine.trainer import TrainConfig, Trainer, TrainingInterrupted, fitness
@@ -44,16 +43,16 @@ def test_probe_measures_a_real_step_and_leaves_the_model_as_it_was(shapes, tmp_p
                                               project=str(tmp_path), val=False, **FAST))
     trainer.before_train()
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    step = memory.measure_step(lambda b: trainer._probe_step(b, 64, 64), trainer.device, (64, 64), (1, 3))
+    probe = memory.ProbeStep(trainer.model, trainer.criterion, trainer.device)
+    step = memory.measure_step(lambda b: probe(b, 64, 64), trainer.device, (64, 64), (1, 3))
     assert step is not None and step.per_image > 0  # three images need more than one
     assert all(torch.equal(state[k], v) for k, v in trainer.model.state_dict().items())  # BN stats restored
     assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def _fake_memory(monkeypatch, fixed: int, per_image: int, available: int) -> None:
-    monkeypatch.setattr(trainer_module, "measure_step",
-                        lambda step, device, size: StepMemory(fixed, per_image, size))
-    monkeypatch.setattr(trainer_module, "available_bytes", lambda device: available)
+    monkeypatch.setattr(memory, "measure_step", lambda step, device, size: StepMemory(fixed, per_image, size))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: available)
 
 
 def test_a_batch_that_does_not_fit_is_lowered_with_a_warning(shapes, tmp_path, monkeypatch, caplog):
@@ -70,11 +69,9 @@ def test_a_batch_that_does_not_fit_is_lowered_with_a_warning(shapes, tmp_path, m
 
 
 def test_batch_minus_one_picks_the_largest_that_fits(shapes, tmp_path, monkeypatch):
-    import yolo_mobile.engine.trainer as trainer_module
-
     gib = 2**30
     _fake_memory(monkeypatch, gib, gib // 4, 5 * gib)  # 4 GiB usable less the optimizer: 11 images
-    monkeypatch.setattr(trainer_module, "MIN_STEPS_PER_EPOCH", 1)  # 16 images: memory decides alone
+    monkeypatch.setattr(memory, "MIN_STEPS_PER_EPOCH", 1)  # 16 images: memory decides alone
     trainer = Trainer(TrainConfig.from_kwargs(cfg="yolov5n.yaml", data=str(shapes), epochs=1, imgsz=64,
                                               project=str(tmp_path), val=False, **{**FAST, "batch": -1}))
     trainer.before_train()
@@ -147,7 +144,8 @@ def test_best_pt_follows_the_loss_while_map_is_zero(shapes, tmp_path, monkeypatc
     losses = iter([[3.0, 3.0, 3.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0]])  # epoch 3 ties epoch 2
 
     def fake_epoch(epoch):
-        trainer.epoch_loss, trainer.epoch_time, trainer.images_seen, trainer.skipped_steps = next(losses), 1.0, 1, 0
+        trainer.epoch_loss, trainer.epoch_time, trainer.images_seen = next(losses), 1.0, 1
+        trainer.guard.skipped_steps = 0
 
     monkeypatch.setattr(trainer, "train_one_epoch", fake_epoch)
     for epoch in range(3):
@@ -271,7 +269,7 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_empty_folder(shapes, tmp_path, 
 
     cmd = [sys.executable, "-m", "yolo_mobile", "train", "--cfg", "yolov5n.yaml", "--data", str(shapes), "--epochs",
            "50", "--imgsz", "64", "--batch", "2", "--workers", workers, "--no-val", "--project", str(tmp_path),
-           "--name", "s"]
+           "--name", "s", "--device", "cpu"]  # on a GPU, epoch 1 could end inside the one-second sleep below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 120

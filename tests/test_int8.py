@@ -13,7 +13,7 @@ from test_deploy import lively
 
 from yolo_mobile.benchmark import format_markdown, shapes_images
 from yolo_mobile.cli import main
-from yolo_mobile.config import load_data_config
+from yolo_mobile.config import list_builtin_models, load_data_config
 from yolo_mobile.datasets.synthetic import draw_sample, resolve_data
 from yolo_mobile.export.int8 import QuantizationError, calibration_split, decode_nodes, quantize_onnx
 from yolo_mobile.export.onnx import export_onnx
@@ -44,10 +44,13 @@ def float_onnx(tmp_path_factory):
 # the families int8 export was checked on (test_deploy's export parity now loops over the whole registry)
 FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml", "emo_1m.yaml",
                {"backbone": {"name": "timm", **BACKBONE_ARGS["timm"]}}]
+# the light neck and head (depthwise, shared head, no SPPF) on every mobile family: ONNX export, then INT8
+LITE_CFGS = [m for m in list_builtin_models() if m.endswith("_lite.yaml")]
 
 
-@pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml"],
-                         ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm", "mobile_former"])
+@pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml", *LITE_CFGS],
+                         ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm", "mobile_former",
+                              *LITE_CFGS])
 def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
     float_path, int8_path = float_onnx(cfg), tmp_path / "m_int8.onnx"
     report = quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)

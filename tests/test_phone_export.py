@@ -9,9 +9,9 @@ pytest.importorskip("pnnx", reason="the ncnn extra is not installed: pip install
 from yolo_mobile.benchmark import BenchmarkConfig, phone_export
 from yolo_mobile.cli import main
 from yolo_mobile.config import ConfigError
-from yolo_mobile.engine import runtimes
 from yolo_mobile.export import ncnn
 from yolo_mobile.export.checks import ConversionError
+from yolo_mobile.runtimes import ncnn as ncnn_runtime
 
 pytestmark = pytest.mark.xdist_group("test_phone_export")
 
@@ -34,7 +34,7 @@ def test_benchmark_names_a_missing_extra(monkeypatch):
     def absent():
         raise ImportError('--format ncnn needs pnnx and ncnn: pip install -e ".[ncnn]"')
 
-    monkeypatch.setattr(runtimes, "require_ncnn", absent)
+    monkeypatch.setattr(ncnn_runtime, "require_ncnn", absent)
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[ncnn\]"'):
         BenchmarkConfig(cfgs=["yolov5n.yaml"], backends=["ncnn"], runs=1).check()
 

@@ -1,5 +1,5 @@
 """ncnn export: every family converted once at 320 by a module fixture and checked in ncnn against PyTorch, or
-refused with a message naming the operator (README's list); yolov5n's conversion also serves the failed-check,
+refused with a message naming the operator (docs/export.md's list); yolov5n's conversion also serves the failed-check,
 val and benchmark tests."""
 
 import json
@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from phone_families import FAMILIES, family_cfg
+from phone_families import FAMILIES, check_val_of_export, family_cfg
 from test_deploy import lively
 
 pytest.importorskip("pnnx", reason="the ncnn extra is not installed: pip install -e '.[ncnn]'")
@@ -18,11 +18,10 @@ pytest.importorskip("ncnn", reason="the ncnn extra is not installed: pip install
 from yolo_mobile.benchmark import BenchmarkConfig, format_markdown, runtime_latency
 from yolo_mobile.cli import main
 from yolo_mobile.datasets.synthetic import resolve_data
-from yolo_mobile.engine import runtimes
-from yolo_mobile.engine.predictor import NcnnBackend, load_backend
 from yolo_mobile.export import ncnn
-from yolo_mobile.export.checks import ConversionError, check_parity, fused_copy
-from yolo_mobile.export.onnx import ExportError
+from yolo_mobile.export.checks import ConversionError, ExportError, check_parity, fused_copy
+from yolo_mobile.runtimes import NcnnRuntime, load_runtime
+from yolo_mobile.runtimes import ncnn as ncnn_runtime
 
 pytestmark = pytest.mark.xdist_group("test_phone_export_ncnn")  # one worker builds the module's conversions
 SIZE = 320  # the issue's size for the every-family export
@@ -57,12 +56,12 @@ def test_every_family_converts_or_names_the_op(converted, family):
                             r"nothing was written", str(report))
         assert not folder.exists() and not folder.with_name(f".{folder.name}.partial").exists()
         return
-    assert report["max_abs_diff"] < 1e-3 and report["checked"] == f"random and drawn images at 1x3x{SIZE}x{SIZE}"
+    assert report["max_abs_diff"] < 1e-3 and report["checked"] == [f"random and drawn images at 1x3x{SIZE}x{SIZE}"]
     assert folder == report["path"]
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.ncnn.bin", "model.ncnn.param"]
     assert json.loads((folder / "metadata.json").read_text())["precision"] == "float32"
-    backend = load_backend(folder)
-    assert isinstance(backend, NcnnBackend) and backend.imgsz == SIZE and backend.names == ["0", "1", "2", "3"]
+    backend = load_runtime(folder)
+    assert isinstance(backend, NcnnRuntime) and backend.imgsz == SIZE and backend.names == ["0", "1", "2", "3"]
     n = (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2
     assert backend(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 8, n)  # image by image: (B, 4 + nc, N) as ever
 
@@ -71,16 +70,16 @@ def test_a_failed_check_leaves_nothing(converted, tmp_path, monkeypatch):
     model, report, folder = converted("cspdarknet")
 
     def pnnx_again(traced, imgsz, half, workdir):  # pnnx's files as the fixture's conversion wrote them
-        for name in (runtimes.NCNN_PARAM, runtimes.NCNN_WEIGHTS):
+        for name in (ncnn_runtime.NCNN_PARAM, ncnn_runtime.NCNN_WEIGHTS):
             shutil.copy(folder / name, workdir / name)
 
     monkeypatch.setattr(ncnn, "_pnnx", pnnx_again)
-    real = runtimes.ncnn_run
-    monkeypatch.setattr(ncnn, "ncnn_run", lambda net, x: real(net, x) + 0.01)  # a runtime that drifts by 0.01
+    real = ncnn_runtime.ncnn_run
+    monkeypatch.setattr(NcnnRuntime, "run", lambda self, x: real(self.net, x) + 0.01)  # a runtime that drifts by 0.01
     with pytest.raises(ExportError, match=r"ncnn differs from PyTorch by 1\.0\de-02 .* nothing was written"):
         ncnn.export_ncnn(model, tmp_path / "bad_ncnn", imgsz=SIZE)
     assert list(tmp_path.iterdir()) == []
-    runner = runtimes.ncnn_net(report["path"])
+    runner = ncnn_runtime.ncnn_net(report["path"])
     fused = fused_copy(model)
 
     def boxes_off_by(px):  # ncnn's float32 output with every box coordinate moved by px
@@ -93,9 +92,9 @@ def test_a_failed_check_leaves_nothing(converted, tmp_path, monkeypatch):
 
 def test_unsupported_op_is_named(tmp_path):
     (tmp_path / "model.ncnn.param").write_text("7767517\n2 2\nInput in0 0 1 in0\nTensor.reshape r 1 1 in0 out0\n")
-    assert runtimes.unsupported_layers(tmp_path / "model.ncnn.param") == ["Tensor.reshape"]
+    assert ncnn_runtime.unsupported_layers(tmp_path / "model.ncnn.param") == ["Tensor.reshape"]
     with pytest.raises(ValueError, match=r"ncnn has no layer for Tensor\.reshape"):
-        runtimes.ncnn_net(tmp_path)
+        ncnn_runtime.ncnn_net(tmp_path)
 
 
 def test_cli_half_then_detect(tmp_path, capsys):
@@ -113,10 +112,8 @@ def test_cli_half_then_detect(tmp_path, capsys):
 
 
 def test_val_runs_the_export(converted, tmp_path, capsys):
-    weights = converted("cspdarknet")[1]["path"]
-    assert main(["val", "--weights", str(weights), "--data", str(resolve_data("shapes:16")), "--project",
-                 str(tmp_path), "--workers", "0"]) == 0
-    assert '"map":' in capsys.readouterr().out
+    model, report, _ = converted("cspdarknet")
+    check_val_of_export(fused_copy(model), report["path"], resolve_data("shapes:16"), tmp_path, capsys, SIZE)
 
 
 def test_benchmark_latency_column(converted):
@@ -131,5 +128,5 @@ def test_threads_default_to_torchs(converted):
     """ncnn waits at every layer for each of its threads: by default it takes torch's count, the process's share
     of the cores (1 in a test worker), not every core."""
     folder = converted("cspdarknet")[2]
-    assert runtimes.ncnn_net(folder).opt.num_threads == torch.get_num_threads()
-    assert runtimes.ncnn_net(folder, threads=3).opt.num_threads == 3
+    assert ncnn_runtime.ncnn_net(folder).opt.num_threads == torch.get_num_threads()
+    assert ncnn_runtime.ncnn_net(folder, threads=3).opt.num_threads == 3

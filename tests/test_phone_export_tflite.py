@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from phone_families import FAMILIES, family_cfg
+from phone_families import FAMILIES, check_val_of_export, family_cfg
 from test_deploy import lively
 
 pytest.importorskip("litert_torch", reason="the tflite extra is not installed: pip install -e '.[tflite]'")
@@ -17,11 +17,10 @@ pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed:
 from yolo_mobile.benchmark import BenchmarkConfig, format_markdown, runtime_latency
 from yolo_mobile.cli import main
 from yolo_mobile.datasets.synthetic import resolve_data
-from yolo_mobile.engine import runtimes
-from yolo_mobile.engine.predictor import TfliteBackend, load_backend
 from yolo_mobile.export import tflite
 from yolo_mobile.export.checks import check_inputs, check_parity, fused_copy, metadata
 from yolo_mobile.export.onnx import export_onnx
+from yolo_mobile.runtimes import TfliteRuntime, litert, load_runtime
 
 pytestmark = pytest.mark.xdist_group("test_phone_export_tflite")  # cspdarknet's conversion serves several tests
 SIZE = 320  # the issue's size for the every-family export
@@ -55,9 +54,9 @@ def shapes():
 @pytest.mark.parametrize("family", [own_group(family) for family in FAMILIES])
 def test_every_family_converts_and_matches_pytorch(converted, family):
     _, report = converted(family)
-    assert report["max_abs_diff"] < 1e-3 and report["checked"] == f"random and drawn images at 1x3x{SIZE}x{SIZE}"
-    backend = load_backend(report["path"])
-    assert isinstance(backend, TfliteBackend) and backend.imgsz == SIZE and backend.names == ["0", "1", "2", "3"]
+    assert report["max_abs_diff"] < 1e-3 and report["checked"] == [f"random and drawn images at 1x3x{SIZE}x{SIZE}"]
+    backend = load_runtime(report["path"])
+    assert isinstance(backend, TfliteRuntime) and backend.imgsz == SIZE and backend.names == ["0", "1", "2", "3"]
     details = backend.runner.get_input_details()[0]
     assert list(details["shape"]) == [1, 3, SIZE, SIZE] and details["dtype"] == np.float32  # NCHW kept
     n = (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2
@@ -72,20 +71,18 @@ def test_float16_weights_then_detect(converted, tmp_path, shapes):
     half_bytes = tflite._float16_weights(float_file.read_bytes())
     half_file.write_bytes(tflite.with_metadata(half_bytes, metadata(model, SIZE, "float16")))
     assert half_file.stat().st_size < 0.55 * float_file.stat().st_size  # 2 bytes a weight, not 4
-    runner = runtimes.tflite_interpreter(half_file)
-    half = check_parity(fused_copy(model), lambda x: runtimes.tflite_run(runner, x), SIZE, "LiteRT", half=True)
+    runner = litert.tflite_interpreter(half_file)
+    half = check_parity(fused_copy(model), lambda x: litert.tflite_run(runner, x), SIZE, "LiteRT", half=True)
     assert 0 < half["box_diff"] <= SIZE * 2**-8 and half["score_diff"] <= 2**-7  # float16 moved it, within bounds
-    assert runtimes.tflite_metadata(half_file)["precision"] == "float16"
+    assert litert.tflite_metadata(half_file)["precision"] == "float16"
     image = next((shapes.parent / "images" / "val").iterdir())
     assert main(["detect", "--weights", str(half_file), "--source", str(image), "--project", str(tmp_path)]) == 0
     assert (tmp_path / "exp" / image.name).is_file()
 
 
 def test_val_runs_the_export(converted, shapes, tmp_path, capsys):
-    weights = converted("cspdarknet")[1]["path"]
-    assert main(["val", "--weights", str(weights), "--data", str(shapes), "--project", str(tmp_path),
-                 "--workers", "0"]) == 0
-    assert '"map":' in capsys.readouterr().out
+    model, report = converted("cspdarknet")
+    check_val_of_export(fused_copy(model), report["path"], shapes, tmp_path, capsys, SIZE)
 
 
 def test_benchmark_latency_column(converted, tmp_path):
@@ -105,13 +102,13 @@ def test_native_log_lines_are_held_back(capfd, converted):
     """absl, MLIR and JAX write to file descriptor 2 from native code during a conversion and when an interpreter
     starts; none of it reaches the export's output, but an error line comes back as a warning."""
     capfd.readouterr()
-    with runtimes.native_logs_filtered("a test"):
+    with litert.native_logs_filtered("a test"):
         os.write(2, b"I0000 00:00:1 flatbuffer_export.cc:1] Estimated count of arithmetic ops\n")
-    runtimes.tflite_interpreter(converted("cspdarknet")[1]["path"])
+    litert.tflite_interpreter(converted("cspdarknet")[1]["path"])
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     severe = r"a test logged: E0000 00:00:1 x\.cc:2\] the lowering failed"
-    with pytest.warns(RuntimeWarning, match=severe), runtimes.native_logs_filtered("a test"):
+    with pytest.warns(RuntimeWarning, match=severe), litert.native_logs_filtered("a test"):
         os.write(2, b"W0000 a warning\nE0000 00:00:1 x.cc:2] the lowering failed\n")
 
 
@@ -125,14 +122,14 @@ def test_cli_int8_by_map_with_our_lines_only(tmp_path, shapes, capfd):
     assert captured.err == ""
     parameters = sum(p.numel() for p in lively("yolov5n.yaml", nc=4).parameters())
     assert out.stat().st_size < 1.5 * parameters  # 1 byte a weight, not 4
-    runner = runtimes.tflite_interpreter(out)
+    runner = litert.tflite_interpreter(out)
     assert runner.get_input_details()[0]["dtype"] == np.int8  # full-integer input; run() quantizes
-    assert "int8" in runtimes.tflite_metadata(out)["input"]
+    assert "int8" in litert.tflite_metadata(out)["input"]
     model = fused_copy(lively("yolov5n.yaml", nc=4))
     for _, x in check_inputs(64):
-        ref, got = model(x).detach().numpy()[0], runtimes.tflite_run(runner, x.numpy())[0]
+        ref, got = model(x).detach().numpy()[0], litert.tflite_run(runner, x.numpy())[0]
         assert got.shape == ref.shape and got[4:].max() > 0.01  # a quantized decode would round scores to 0
-    assert torch.is_tensor(TfliteBackend(out)(torch.rand(1, 3, 64, 64)))
+    assert torch.is_tensor(TfliteRuntime(out)(torch.rand(1, 3, 64, 64)))
 
 
 def test_conversion_failure_names_the_op_and_leaves_nothing(monkeypatch, tmp_path):

@@ -11,14 +11,8 @@ from conftest import video_props
 
 from yolo_mobile import build_model
 from yolo_mobile.datasets.letterbox import letterbox, rect_shape, unletterbox_boxes
-from yolo_mobile.engine.predictor import (
-    OnnxBackend,
-    TorchBackend,
-    detect,
-    input_shape,
-    predict,
-    torch_threads,
-)
+from yolo_mobile.engine.predictor import detect, input_shape, predict, torch_threads
+from yolo_mobile.runtimes import OnnxRuntime, TorchRuntime
 
 
 def write_video(path, frames=7, size=(320, 180), fps=10.0):
@@ -143,7 +137,7 @@ def test_mixed_shape_batch_padded_to_the_largest_rect(tmp_path):
 # ---------------------------------------------------------------------------------------------- what the model gets
 def test_model_is_fed_the_rect_shape_in_rgb(tmp_path):
     video = write_video(tmp_path / "v.mp4", frames=4)
-    backend = Recording(TorchBackend(build_model("yolov5n.yaml", nc=3).eval()))
+    backend = Recording(TorchRuntime(build_model("yolov5n.yaml", nc=3).eval()))
     results = list(predict(backend, video, imgsz=160))
     assert backend.shapes == [(1, 3, 96, 160)] * 4  # 320x180 at 160: scale 0.5, 90 rows -> 96
     x = backend.inputs[0]
@@ -159,7 +153,7 @@ def test_model_is_fed_the_rect_shape_in_rgb(tmp_path):
     canvas = r.plot()
     assert canvas.shape == (180, 320, 3) and np.array_equal(r.bgr, before)  # drawn on a copy
 
-    square = Recording(TorchBackend(build_model("yolov5n.yaml", nc=3).eval()))
+    square = Recording(TorchRuntime(build_model("yolov5n.yaml", nc=3).eval()))
     list(predict(square, video, imgsz=160, rect=False))
     assert square.shapes == [(1, 3, 160, 160)] * 4
 
@@ -179,12 +173,12 @@ def test_fixed_size_onnx_gets_square_input_and_dynamic_gets_rect(tmp_path):
     model = build_model("yolov5n.yaml", nc=3).eval()
     video = write_video(tmp_path / "v.mp4", frames=2)
     export_onnx(model, tmp_path / "fixed.onnx", imgsz=128)
-    fixed = Recording(OnnxBackend(tmp_path / "fixed.onnx"))
+    fixed = Recording(OnnxRuntime(tmp_path / "fixed.onnx"))
     assert fixed.imgsz == 128
     results = list(predict(fixed, video, imgsz=160))  # the file's own size wins
     assert fixed.shapes == [(1, 3, 128, 128)] * 2 and len(results) == 2
     export_onnx(model, tmp_path / "dynamic.onnx", imgsz=128, dynamic=True)
-    dynamic = Recording(OnnxBackend(tmp_path / "dynamic.onnx"))
+    dynamic = Recording(OnnxRuntime(tmp_path / "dynamic.onnx"))
     assert dynamic.imgsz is None
     list(predict(dynamic, video, imgsz=160))
     assert dynamic.shapes == [(1, 3, 96, 160)] * 2
@@ -237,7 +231,7 @@ def test_two_workers_give_the_same_results_in_order(tmp_path):
     model = build_model("yolov5n.yaml", nc=3)
     for head in model.head.cls:  # scores around 0.5, so there are boxes to compare
         torch.nn.init.normal_(head[-1].bias, 0, 1)
-    backend = TorchBackend(model.eval())
+    backend = TorchRuntime(model.eval())
     with torch_threads(1):
         one = list(predict(backend, video, imgsz=160, conf=0.3))
         two = list(predict(backend, video, imgsz=160, conf=0.3, workers=2))
@@ -251,7 +245,7 @@ def test_detect_chooses_parallelism_and_restores_threads(tmp_path):
 
     video = write_video(tmp_path / "v.mp4", frames=5)
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((40, 60, 3), np.uint8))
-    backend = TorchBackend(build_model("yolov5n.yaml", nc=3).eval())
+    backend = TorchRuntime(build_model("yolov5n.yaml", nc=3).eval())
     cpus = usable_cpus()
     expected = (2, cpus // 2) if cpus >= 2 else (1, 1)
     assert detect_parallelism(backend, resolve_source(video)) == expected

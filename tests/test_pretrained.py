@@ -341,3 +341,29 @@ def test_weights_inspect_cli(tmp_path, capsys):
     assert "not recognised" in capsys.readouterr().out
     assert main(["weights", "inspect", str(tmp_path / "absent.pth")]) == 2
     assert "absent.pth: pretrained weights file not found" in capsys.readouterr().err
+
+
+def test_backbone_declares_the_optional_hooks_and_their_defaults_offer_nothing(tmp_path):
+    """``variants``, ``pretrained_style`` and ``map_pretrained`` are declared on Backbone (pretrained.py used to
+    find them by getattr alone); a family without them loads a file by its names as saved."""
+    from yolo_mobile.backbones.base import Backbone
+    from yolo_mobile.backbones.pretrained import WeightsFile, match_weights
+
+    class Plain(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.channels = [4, 4, 4]
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    for hook in ("pretrained_style", "map_pretrained", "reparameterize"):
+        assert getattr(Backbone, hook).__doc__, hook
+    plain = Plain()
+    assert plain.variants == () and plain.pretrained_style({"conv.weight"}) is None
+    assert plain.map_pretrained({"conv.weight": torch.zeros(4, 3, 1, 1)}, None) is None
+    weights = WeightsFile(tmp_path / "w.pt", "torch", {k: v.clone() for k, v in plain.state_dict().items()})
+    (tmp_path / "w.pt").write_bytes(b"x")
+    report, _ = match_weights(plain, weights, "plain")
+    assert report.style == "as saved" and report.fraction == 1.0
+    overriding = [name for name in BACKBONES.list() if isinstance(BACKBONES.get(name), type)
+                  and BACKBONES.get(name).map_pretrained is not Backbone.map_pretrained]
+    assert "emo" in overriding and "mobilevit" in overriding  # the families' own mappings still win

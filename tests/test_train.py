@@ -153,7 +153,7 @@ def test_non_finite_loss_never_reaches_the_weights(shapes, tmp_path, caplog):
     trainer.before_epoch(0)
     with caplog.at_level(logging.WARNING):
         trainer.train_one_epoch(0)
-    assert trainer.skipped_steps >= 1 and "non-finite" in caplog.text
+    assert trainer.guard.skipped_steps >= 1 and "non-finite" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
     assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.ema.state_dict().items())
 
@@ -179,6 +179,13 @@ def test_label_cache_is_reused_and_invalidated(tmp_path):
     load_split(config, "train")
     cache = tmp_path / "labels" / "val.cache.json"
     assert cache.is_file()
+    # reused: a second load reads the cache, not the files (a label changed behind the cache's back, keeping its
+    # size and time, is not seen)
+    label = tmp_path / "labels" / "val" / "a.txt"
+    stat = label.stat()
+    label.write_text("2 0.5 0.5 0.4 0.4\n")
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [s.boxes[0, 0] for s in load_split(config, "train") if s.path.stem == "a"] == [0]
     (tmp_path / "labels" / "val" / "b.txt").write_text("1 0.5 0.5 0.2 0.2\n2 0.1 0.1 0.1 0.1\n")
     samples = load_split(config, "train")
     assert sum(len(s.boxes) for s in samples) == 3  # the changed label file was read again

@@ -11,14 +11,8 @@ from yolo_mobile import cli
 from yolo_mobile.config import ConfigError
 from yolo_mobile.datasets.synthetic import build_shapes
 from yolo_mobile.engine.checkpoint import load_checkpoint
-from yolo_mobile.engine.trainer import (
-    LossWatch,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    _lr_lambda,
-    nonfinite_tensors,
-)
+from yolo_mobile.engine.step_guard import LossWatch, nonfinite_tensors
+from yolo_mobile.engine.trainer import TrainConfig, Trainer, TrainingDiverged, _lr_lambda
 
 FAST = {"imgsz": 64, "batch": 4, "workers": 0, "close_mosaic": 0, "val": False, "plot_batches": 0}
 
@@ -153,7 +147,7 @@ def test_skipped_steps_leave_every_tensor_and_stop_after_n_in_a_row(shapes, tmp_
     after = trainer.model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed == []  # weights and buffers (running stats, num_batches_tracked) as they were
-    assert trainer.skipped_steps == 3
+    assert trainer.guard.skipped_steps == 3
     assert "step skipped, weights and buffers unchanged" in caplog.text
 
 
@@ -191,12 +185,12 @@ def test_amp_overflow_is_routine_and_counted_apart(shapes, tmp_path):
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60, enabled=True)
     trainer.before_epoch(0)
     trainer.train_one_epoch(0)
-    assert trainer.amp_overflows >= 1 and trainer.skipped_steps == 0
+    assert trainer.guard.amp_overflows >= 1 and trainer.guard.skipped_steps == 0
     assert trainer.scaler.get_scale() < 2.0**60  # the scaler lowered its scale as routine
     trainer.after_epoch(0)
     with open(trainer.save_dir / "results.csv") as f:
         row = next(csv.DictReader(f))
-    assert int(row["amp_overflows"]) == trainer.amp_overflows and row["skipped_steps"] == "0"
+    assert int(row["amp_overflows"]) == trainer.guard.amp_overflows and row["skipped_steps"] == "0"
 
 
 # ---------------------------------------------------------------------------------------------- resume

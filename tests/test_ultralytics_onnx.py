@@ -17,9 +17,11 @@ from yolo_mobile.cli import main
 from yolo_mobile.config import load_data_config
 from yolo_mobile.datasets.detection import DetectionDataset, collate_detection, load_split
 from yolo_mobile.datasets.synthetic import build_shapes
-from yolo_mobile.engine.predictor import load_backend, onnx_imgsz, predict
+from yolo_mobile.engine.predictor import predict
 from yolo_mobile.export.onnx import export_onnx
 from yolo_mobile.loss import DetectionLoss
+from yolo_mobile.runtimes import load_runtime
+from yolo_mobile.runtimes.onnxrt import onnx_imgsz
 
 IMGSZ, CONF, IOU = 64, 0.25, 0.7
 N_IMAGES, STEPS = 4, 100
@@ -72,7 +74,7 @@ def test_ultralytics_predict_reads_our_onnx_and_finds_our_boxes(exported):
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for the network
     ultralytics = pytest.importorskip("ultralytics")
     onnx_path, folder, _ = exported
-    ours = {r.path: r for r in predict(load_backend(onnx_path), folder, imgsz=IMGSZ, conf=CONF, iou=IOU)}
+    ours = {r.path: r for r in predict(load_runtime(onnx_path), folder, imgsz=IMGSZ, conf=CONF, iou=IOU)}
     theirs = ultralytics.YOLO(str(onnx_path), task="detect").predict(
         sorted(str(p) for p in folder.iterdir()), imgsz=IMGSZ, conf=CONF, iou=IOU, device="cpu", verbose=False)
     assert len(theirs) == len(ours) == 3 * N_IMAGES

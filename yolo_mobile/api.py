@@ -13,7 +13,9 @@ from typing import Any
 from . import detector
 from .config import ModelConfig
 from .engine import checkpoint
-from .engine.predictor import Result, TorchBackend, predict
+from .engine.postprocess import CONF, IOU, MAX_DET
+from .engine.predictor import Result, predict
+from .runtimes import TorchRuntime
 
 
 class Model(detector.Detector):
@@ -23,12 +25,12 @@ class Model(detector.Detector):
         """Write a checkpoint that ``load_model(path)`` reads (see engine/checkpoint.py for the format)."""
         return checkpoint.save_checkpoint(path, self, **extra)
 
-    def predict(self, source: Any, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+    def predict(self, source: Any, imgsz: int = 640, conf: float = CONF, iou: float = IOU, max_det: int = MAX_DET,
                 classes: list[int] | None = None, batch: int = 1) -> Iterator[Result]:
         """Yield one result per image or frame of ``source`` (image, folder, glob, video, webcam index, URL):
         ``boxes`` (xyxy, original pixels), ``scores``, ``classes`` and ``names``."""
         device = next(self.parameters()).device
-        yield from predict(TorchBackend(self, device), source, imgsz, conf, iou, max_det, classes, batch)
+        yield from predict(TorchRuntime(self, device), source, imgsz, conf, iou, max_det, classes, batch)
 
 
 def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None = None,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import default_names
+from .config import default_names, flag
 from .engine.memory import peak_bytes, random_targets
-from .export.onnx import onnx_session
+from .files import write_text, write_with
 
 ULTRALYTICS_MODELS = ("yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml")
 # the API's default: the phone runtimes (optional extras, a LiteRT conversion costs 15-60 s) are asked for by name
@@ -48,25 +48,37 @@ def time_fn(fn: Callable[[], object], runs: int = 30, warmup: int = 5) -> dict[s
 
 @dataclass
 class BenchmarkConfig:
-    """What to measure. ``cfgs`` are model YAMLs or built-in names; sizes are square inputs."""
+    """``yolo-mobile benchmark``: what to measure; its flags are these fields (cli.py builds the parser from them).
+    ``cfgs`` are model YAMLs or built-in names (none: every built-in model); sizes are square inputs."""
 
-    cfgs: list[str]
-    imgsz: list[int] = field(default_factory=lambda: [320, 640])
-    batch: int = 1
-    device: str = "cpu"
-    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
-    half: bool = False
-    compile: bool = False
-    compare_ultralytics: bool = False
-    train_speed: bool = False
-    train_batch: int = 16
-    runs: int = 30
-    warmup: int = 5
-    map_file: Path | None = None
+    cfgs: list[str] = flag([], "model YAMLs or built-in names (default: all built-in models)", flag="--cfg",
+                           nargs="+", group="models")
+    imgsz: list[int] = flag([320, 640], "square input sizes", nargs="+")
+    batch: int = flag(1, "batch for the throughput and memory columns", type="positive")
+    device: str = flag("cpu", "cpu or a GPU index such as 0")
+    backends: list[str] = flag(list(DEFAULT_BACKENDS), "PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU "
+                               "when installed), ONNX Runtime on the INT8 file (calibrated on drawn shapes-set "
+                               "images), LiteRT with XNNPACK (.[tflite]), ncnn (.[ncnn]); the exported files are "
+                               "timed interleaved at one thread count", flag="--backend", nargs="+", choices=BACKENDS)
+    half: bool = flag(False, "fp16 (GPU only)")
+    compile: bool = flag(False, "also time torch.compile (the compile time is reported)")
+    compare_ultralytics: bool = flag(False, "also measure ultralytics' YOLOv5nu, YOLOv8n, YOLO11n (built from their "
+                                            "YAMLs)")
+    train_speed: bool = flag(False, "training img/s: forward, loss, backward, step")
+    train_batch: int = flag(16, "batch for --train-speed", type="positive")
+    runs: int = flag(30, "timed runs per measurement (after --warmup)", type="positive")
+    warmup: int = flag(5, "untimed runs before them", type="non_negative")
+    map_file: Path | None = flag(None, "CSV of model,mAP50-95: the plot shows mAP against latency", flag="--map")
+
+    def __post_init__(self) -> None:
+        if not self.cfgs:
+            from .config import list_builtin_models
+
+            self.cfgs = list_builtin_models()
 
     def check(self) -> None:
         """Everything that can be wrong with the request, before any model is built."""
-        from .config import ConfigError, load_model_config
+        from .config import ConfigError, check_imgsz, load_model_config
         from .engine.device import select_device
 
         for cfg in self.cfgs:
@@ -75,11 +87,10 @@ class BenchmarkConfig:
         if unknown:
             raise ConfigError(f"unknown backend(s) {unknown}; valid: {list(BACKENDS)}")
         for size in self.imgsz:
-            if size <= 0 or size % 32:
-                raise ConfigError(f"--imgsz {size}: sizes must be positive multiples of 32")
+            check_imgsz(size, "--imgsz")
         if self.batch < 1 or self.train_batch < 1 or self.runs < 1 or self.warmup < 0:
             raise ConfigError("--batch, --train-batch and --runs must be at least 1, --warmup at least 0")
-        device = select_device(self.device)
+        device = select_device(self.device, "benchmark")
         if self.half and device.type != "cuda":
             raise ConfigError("--half needs a CUDA device (fp16 kernels do not run on the CPU): add --device 0")
         if {"onnxruntime", "onnxruntime-int8"} & set(self.backends):
@@ -93,10 +104,10 @@ class BenchmarkConfig:
         if phone and self.half:
             raise ConfigError(f"--backend {' '.join(phone)} times the float32 export on the CPU: drop --half")
         for backend in phone:
-            from .engine.runtimes import require_ncnn, require_tflite
+            from .runtimes import litert, ncnn
 
             try:
-                (require_tflite if backend == "tflite" else require_ncnn)()
+                (litert.require_tflite if backend == "tflite" else ncnn.require_ncnn)()
             except ImportError as e:
                 raise ConfigError(str(e)) from None
         if self.map_file is not None:
@@ -181,11 +192,11 @@ def train_speed(model, imgsz: int, batch: int, device, steps: int = 5, warmup: i
                 amp: bool = False) -> float:
     """Training images per second: forward, our detection loss, backward and an SGD step, on random images
     with random boxes at a fixed ``batch`` (the nominal batch: no accumulation)."""
-    from .engine.trainer import _param_groups
+    from .engine.trainer import param_groups
     from .loss import DetectionLoss
 
     model = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.SGD(_param_groups(model, 5e-4), lr=0.01, momentum=0.937, nesterov=True)
+    optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.01, momentum=0.937, nesterov=True)
     criterion = DetectionLoss(model.nc, list(model.strides))
     x = torch.rand(batch, 3, imgsz, imgsz, device=device)
     targets = random_targets(batch, imgsz, imgsz, model.nc).to(device)
@@ -231,8 +242,10 @@ def candidates(config: BenchmarkConfig) -> list[Candidate]:
     return models
 
 
-def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: Path) -> dict[str, Any]:
-    """All measurements of one model at one size."""
+def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: Path
+            ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """All measurements of one model at one size but the exported files' latency: the row, and the files (in
+    ``workdir``) that :func:`runtime_latencies` times with those of the other models at that size."""
     from .detector import count_flops, inference_copy
     from .engine.device import select_device
     from .export.int8 import quantize_onnx
@@ -288,14 +301,10 @@ def measure(candidate: Candidate, imgsz: int, config: BenchmarkConfig, workdir: 
     for fmt in ("tflite", "ncnn"):
         if fmt in config.backends:
             files.update(phone_export(fmt, model, stem, imgsz, row))
-    if files:
-        row.update(runtime_latency(files, imgsz, config, device))
-        for f in files.values():
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
     if config.train_speed:
         row["train_img_s"] = train_speed(model, imgsz, config.train_batch, device, amp=config.half)
         row["train_batch"] = config.train_batch
-    return row
+    return row, files
 
 
 def phone_export(fmt: str, model, stem: Path, imgsz: int, row: dict[str, Any]) -> dict[str, Path]:
@@ -318,55 +327,77 @@ def phone_export(fmt: str, model, stem: Path, imgsz: int, row: dict[str, Any]) -
 
 
 def runtime_latency(files: dict[str, Path], imgsz: int, config: BenchmarkConfig, device) -> dict[str, Any]:
-    """Latency columns of the exported files, each in its own runtime, timed interleaved with one another at one
-    thread count (the CPUs this process may use): ONNX Runtime, LiteRT with XNNPACK, ncnn."""
-    from .engine.runtimes import ncnn_net, ncnn_run, tflite_interpreter, tflite_run
-    from .export.onnx import interleaved_latency
+    """The latency columns of one model's exported files (:func:`runtime_latencies` for one model)."""
+    return runtime_latencies([files], imgsz, config, device)[0]
+
+
+def runtime_latencies(models: list[dict[str, Path]], imgsz: int, config: BenchmarkConfig, device
+                      ) -> list[dict[str, Any]]:
+    """Latency columns of several models' exported files, each file in its own runtime, all timed interleaved
+    with one another at one thread count (the CPUs this process may use): ONNX Runtime, LiteRT with XNNPACK, ncnn.
+    Ratios between models and between a model's float and INT8 files then come from the same stretch of time,
+    whatever else the machine was doing."""
     from .resources import usable_cpus
+    from .runtimes import RUNTIMES
+    from .runtimes.timing import interleaved_latency
 
     threads = usable_cpus()
-    calls: dict[str, Callable[[], object]] = {}
-    onnx = {k: f for k, f in files.items() if k.startswith("onnxruntime")}
+    calls: dict[tuple[int, str], Callable[[], object]] = {}
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)  # the exports are batch 1
     providers = {}
-    for key, path in onnx.items():
-        session = onnx_session(path, device.type == "cuda", threads)
-        feed = {session.get_inputs()[0].name: x.astype(np.float16) if config.half else x}
-        calls[key] = lambda session=session, feed=feed: session.run(None, feed)
-        providers[key] = session.get_providers()[0]
-    if "tflite" in files:
-        runner = tflite_interpreter(files["tflite"], threads)
-        calls["tflite"] = lambda: tflite_run(runner, x)
-    if "ncnn" in files:
-        model = ncnn_net(files["ncnn"], threads)
-        calls["ncnn"] = lambda: ncnn_run(model, x)
+    for i, files in enumerate(models):
+        for key, path in files.items():
+            if key.startswith("onnxruntime"):
+                runtime = RUNTIMES.get("onnxruntime")(path, device, threads)
+                feed = x.astype(np.float16) if config.half else x
+                calls[i, key] = lambda runtime=runtime, feed=feed: runtime.run(feed)
+                providers[i, key] = runtime.provider
+            elif key in ("tflite", "ncnn"):
+                runtime = RUNTIMES.get(key)(path, threads)
+                calls[i, key] = lambda runtime=runtime: runtime.run(x)
     # ncnn's per-layer fork-join waits on any thread another process holds back (README: Benchmark)
     load = os.getloadavg()[0]
     times = interleaved_latency(calls, config.runs, config.warmup)
-    row: dict[str, Any] = {"runtime_threads": threads, "runtime_load": load}
     prefix = {"onnxruntime": "ort", "onnxruntime-int8": "ort_int8", "tflite": "tflite", "ncnn": "ncnn"}
-    for key, t in times.items():
-        row[f"{prefix[key]}_ms"], row[f"{prefix[key]}_p90_ms"] = t["median_ms"], t["p90_ms"]
-    if "onnxruntime" in providers:
-        row["ort_provider"] = providers["onnxruntime"]
-    if "onnxruntime-int8" in times:
-        row["int8_ratio"] = times["onnxruntime-int8"]["median_ms"] / times["onnxruntime"]["median_ms"]
-    return row
+    rows = []
+    for i in range(len(models)):
+        row: dict[str, Any] = {"runtime_threads": threads, "runtime_load": load}
+        for (j, key), t in times.items():
+            if j == i:
+                row[f"{prefix[key]}_ms"], row[f"{prefix[key]}_p90_ms"] = t["median_ms"], t["p90_ms"]
+        if (i, "onnxruntime") in providers:
+            row["ort_provider"] = providers[i, "onnxruntime"]
+        if "ort_int8_ms" in row and "ort_ms" in row:
+            row["int8_ratio"] = row["ort_int8_ms"] / row["ort_ms"]
+        rows.append(row)
+    return rows
 
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Measure every model at every size; rows in model order, sizes ascending."""
     from tqdm import tqdm
 
+    from .engine.device import select_device
+
     config.check()
     models = candidates(config)
     jobs = [(m, s) for m in models for s in sorted(config.imgsz)]
-    rows = []
+    rows, files = [], []
     with tempfile.TemporaryDirectory(prefix="yolo_mobile_bench_") as tmp:
         bar = tqdm(jobs, desc="benchmark", unit="model", disable=not progress)
         for candidate, imgsz in bar:
             bar.set_postfix_str(f"{candidate.name} @{imgsz}")
-            rows.append(measure(candidate, imgsz, config, Path(tmp)))
+            row, exported = measure(candidate, imgsz, config, Path(tmp))
+            rows.append(row)
+            files.append(exported)
+        device = select_device(config.device)
+        for size in sorted(config.imgsz):  # every model's files at one size, timed together
+            timed = [i for i, row in enumerate(rows) if row["imgsz"] == size and files[i]]
+            if timed:
+                bar.set_postfix_str(f"exported files @{size}")
+                for i, columns in zip(timed, runtime_latencies([files[i] for i in timed], size, config, device),
+                                      strict=True):
+                    rows[i].update(columns)
     return rows
 
 
@@ -433,16 +464,16 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
         text += "; ONNX Runtime on the file `yolo-mobile export` writes"
     if "onnxruntime-int8" in config.backends:
         text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode and "
-                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images, timed interleaved with "
-                 "the float file")
+                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images")
     phone = [name for key, name in (("tflite", "LiteRT (XNNPACK) on the .tflite"), ("ncnn", "ncnn on the pnnx "
              "export")) if key in config.backends]
     if phone:
         text += f"; {' and '.join(phone)} `yolo-mobile export` writes (float32, parity-checked)"
     if set(RUNTIMES) & set(config.backends):
         loads = [r["runtime_load"] for r in rows if "runtime_load" in r]
-        text += (f"; every runtime at {rows[0].get('runtime_threads', '-') if rows else '-'} threads, timed "
-                 "interleaved with the others")
+        text += (f"; every runtime at {rows[0].get('runtime_threads', '-') if rows else '-'} threads, every "
+                 "model's files at one size timed interleaved with one another, so their ratios share one stretch "
+                 "of time")
         if loads:
             busy = ": ncnn slows most on a busy machine" if "ncnn" in config.backends else ""
             text += f" (load average {min(loads):.1f}-{max(loads):.1f} as they started{busy})"
@@ -458,11 +489,11 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, table.getvalue())
 
 
 def latency_key(rows: Iterable[dict[str, Any]]) -> str:
@@ -471,42 +502,95 @@ def latency_key(rows: Iterable[dict[str, Any]]) -> str:
     return "ort_ms" if any(r.get("ort_ms") is not None for r in rows) else "torch_ms"
 
 
+@dataclass
+class PlotPoint:
+    """One marker of the benchmark plot: a model's float or INT8 file at one size on one panel."""
+
+    panel: str  # "gflops" (latency against GFLOPs) or "map" (mAP50-95 against latency)
+    imgsz: int
+    model: str  # without the "ultralytics " prefix
+    source: str  # yolo-mobile or ultralytics
+    kind: str  # "float" or "int8"
+    x: float
+    y: float
+
+
+def map_score(scores: dict[str, float], model: str, kind: str) -> float | None:
+    """A model's mAP50-95 from a ``--map`` file: ``name`` for the float model, ``name int8`` (or ``name-int8``,
+    ``name_int8``) for its INT8 file."""
+    if kind == "float":
+        return scores.get(model)
+    return next((scores[k] for k in (f"{model} int8", f"{model}-int8", f"{model}_int8") if k in scores), None)
+
+
+def plot_points(rows: list[dict[str, Any]], map_scores: dict[str, float] | None = None) -> list[PlotPoint]:
+    """What the plot draws: every row's float latency (ONNX Runtime's when measured, else eager PyTorch's) and,
+    where measured, its ONNX Runtime INT8 latency, against GFLOPs; with ``map_scores``, the models that have a
+    score again as mAP50-95 against latency."""
+    key = latency_key(rows)
+    points = []
+    for r in rows:
+        name = r["model"].removeprefix("ultralytics ")
+        for kind, latency_column in (("float", key), ("int8", "ort_int8_ms")):
+            latency = r.get(latency_column)
+            if latency is None:
+                continue
+            common = {"imgsz": r["imgsz"], "model": name, "source": r["source"], "kind": kind}
+            points.append(PlotPoint("gflops", x=r["gflops"], y=latency, **common))
+            score = None if map_scores is None else map_score(map_scores, name, kind)
+            if score is not None:
+                points.append(PlotPoint("map", x=latency, y=score, **common))
+    return points
+
+
 def plot(rows: list[dict[str, Any]], path: str | Path, map_scores: dict[str, float] | None = None) -> Path | None:
-    """Latency against GFLOPs, one panel per size (mAP against latency when ``map_scores`` is given).
-    Drawn on a matplotlib Figure directly: no pyplot, no global state."""
+    """Latency against GFLOPs, one panel per size, and below it mAP50-95 against latency when ``map_scores`` is
+    given. Circles: yolo-mobile, squares: ultralytics; filled: float, hollow: INT8, a thin line joins a model's
+    two. Drawn on a matplotlib Figure directly: no pyplot, no global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    key = latency_key(rows)
-    if not any(r.get(key) is not None for r in rows):
+    points = plot_points(rows, map_scores)
+    if not points:
         return None
-    sizes = sorted({r["imgsz"] for r in rows})
-    fig = Figure(figsize=(6 * len(sizes), 5), layout="constrained")
+    sizes = sorted({p.imgsz for p in points})
+    panels = [panel for panel in ("gflops", "map") if any(p.panel == panel for p in points)]
+    fig = Figure(figsize=(7 * len(sizes), 5.5 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
-    label = "ONNX Runtime" if key == "ort_ms" else "PyTorch eager"
-    for i, size in enumerate(sizes):
-        ax = fig.add_subplot(1, len(sizes), i + 1)
-        for r in (r for r in rows if r["imgsz"] == size and r.get(key) is not None):
-            name = r["model"]
-            if map_scores is not None:
-                score = map_scores.get(name.removeprefix("ultralytics "))
-                if score is None:
-                    continue
-                xy = (r[key], score)
+    runtime = "ONNX Runtime" if latency_key(rows) == "ort_ms" else "PyTorch eager"
+    style = {"yolo-mobile": ("o", "tab:blue"), "ultralytics": ("s", "tab:orange")}
+    for row, panel in enumerate(panels):
+        for col, size in enumerate(sizes):
+            ax = fig.add_subplot(len(panels), len(sizes), row * len(sizes) + col + 1)
+            here = [p for p in points if p.panel == panel and p.imgsz == size]
+            pairs: dict[str, list[PlotPoint]] = {}
+            for p in here:
+                pairs.setdefault(p.model, []).append(p)
+            for model, pair in pairs.items():
+                marker, color = style.get(pair[0].source, ("^", "tab:green"))
+                if len(pair) == 2:
+                    ax.plot([q.x for q in pair], [q.y for q in pair], color=color, lw=0.6, alpha=0.5)
+                for q in pair:
+                    ax.scatter(q.x, q.y, marker=marker, edgecolors=color,
+                               facecolors=color if q.kind == "float" else "none")
+                ax.annotate(model, (pair[0].x, pair[0].y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if panel == "gflops":
+                ax.set_xlabel("GFLOPs")
+                ax.set_ylabel(f"{runtime} latency (ms)")
             else:
-                xy = (r["gflops"], r[key])
-            ours = r["source"] == "yolo-mobile"
-            ax.scatter(*xy, marker="o" if ours else "s", color="tab:blue" if ours else "tab:orange")
-            ax.annotate(name.removeprefix("ultralytics "), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if map_scores is not None:
-            ax.set_xlabel(f"{label} latency (ms)")
-            ax.set_ylabel("mAP50-95")
-        else:
-            ax.set_xlabel("GFLOPs")
-            ax.set_ylabel(f"{label} latency (ms)")
-        ax.set_title(f"{size}x{size}, {rows[0]['device']} (circles: yolo-mobile, squares: ultralytics)", fontsize=9)
-        ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=120)
+                ax.set_xlabel(f"{runtime} latency (ms)")
+                ax.set_ylabel("mAP50-95")
+            ax.set_title(f"{size}x{size}, {rows[0]['device']}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            if row == 0 and col == 0:
+                handles = [Line2D([], [], ls="", marker=style[source][0], markeredgecolor=style[source][1],
+                                  markerfacecolor=style[source][1] if kind == "float" else "none",
+                                  label=f"{source} {'float' if kind == 'float' else 'INT8'}")
+                           for source in style for kind in ("float", "int8")
+                           if any(p.source == source and p.kind == kind for p in points)]
+                ax.legend(handles=handles, fontsize=7, loc="best")
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
     return Path(path)
 
 
@@ -515,7 +599,7 @@ def save_results(rows: list[dict[str, Any]], out: str | Path, config: BenchmarkC
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = out if out.suffix == ".md" else out.with_suffix(".md")
-    md.write_text(format_markdown(rows) + "\n\n" + describe(config, rows) + "\n")
+    write_text(md, format_markdown(rows) + "\n\n" + describe(config, rows) + "\n")
     files = {"markdown": md, "csv": write_csv(rows, md.with_suffix(".csv"))}
     scores = read_map_file(config.map_file) if config.map_file else None
     png = plot(rows, md.with_suffix(".png"), scores)

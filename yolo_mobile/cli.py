@@ -50,8 +50,9 @@ def fraction(text: str) -> float:
 def cmd_models(args: argparse.Namespace) -> int:
     from .backbones import BACKBONES
     from .benchmark import model_table
-    from .config import builtin_models_dir, list_builtin_models, read_yaml
+    from .config import builtin_models_dir, check_imgsz, list_builtin_models, read_yaml
 
+    check_imgsz(args.imgsz, "--imgsz")
     print(f"Built-in model YAMLs ({builtin_models_dir()}):")
     for name in list_builtin_models():
         backbone = read_yaml(builtin_models_dir() / name).data.get("backbone", {})
@@ -68,8 +69,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .config import check_imgsz
     from .detector import build_model, layer_table
 
+    check_imgsz(args.imgsz, "--imgsz")
     model = build_model(args.cfg, nc=args.nc, pretrained=False)
     print(f"{'layer':<32} {'type':<26} {'params':>12}  output (C x H x W) at {args.imgsz}")
     for name, kind, params, shape in layer_table(model, args.imgsz):
@@ -81,7 +84,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model_arg(args: argparse.Namespace, nc: int | None = None, names: list[str] | None = None,
+def load_model_arg(args, nc: int | None = None, names: list[str] | None = None,
                    trained=None):
     """The model of ``--weights`` (a checkpoint, or ``trained`` when already loaded) or ``--cfg`` (untrained,
     with ``nc`` classes)."""
@@ -100,14 +103,15 @@ def load_model_arg(args: argparse.Namespace, nc: int | None = None, names: list[
     return model
 
 
-def cmd_val(args: argparse.Namespace) -> int:
+def cmd_val(args) -> int:
     import json
 
     from .config import load_data_config
     from .datasets.synthetic import resolve_data
-    from .engine.device import next_run_dir, select_device
+    from .engine.device import select_device
     from .engine.evaluator import COCOEvaluator
     from .engine.validate import format_table, validate
+    from .files import check_writable, run_dir
 
     # everything the run needs is checked before any model is built or image read
     trained = _trained_model(args)
@@ -119,16 +123,18 @@ def cmd_val(args: argparse.Namespace) -> int:
     args.imgsz = _imgsz(args, trained)
     args.data = str(resolve_data(args.data))
     data = load_data_config(args.data)
+    check_writable(args.project)
     evaluator = COCOEvaluator.from_yolo(args.data, args.split, backend=args.eval_backend)
-    device = select_device(args.device)
+    evaluator.check_ground_truth()
+    device = select_device(args.device, "val")
     if _exported(args.weights):
         model = _exported_for_val(args, data.nc, device)
     else:
         model = load_model_arg(args, nc=data.nc, names=data.names, trained=trained).to(device)
-    save_dir = next_run_dir(args.project, args.name)
-    results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
-                       iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
-                       workers=args.workers, save_dir=save_dir, save_json=args.save_json, evaluator=evaluator)
+    with run_dir(args.project, args.name) as save_dir:
+        results = validate(model, args.data, split=args.split, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
+                           iou=args.iou, max_det=args.max_det, device=device, backend=args.eval_backend,
+                           workers=args.workers, save_dir=save_dir, save_json=args.save_json, evaluator=evaluator)
     print(format_table(results))
     keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
     print(json.dumps({k: round(results[k], 4) for k in keys}))
@@ -143,16 +149,16 @@ def cmd_val(args: argparse.Namespace) -> int:
 
 def _exported(weights: str | None) -> bool:
     """An exported model (ONNX, TFLite, ncnn) rather than a checkpoint."""
-    from .engine.predictor import exported_format
+    from .runtimes import exported_format
 
     return exported_format(weights) is not None
 
 
-def _exported_for_val(args: argparse.Namespace, nc: int, device):
+def _exported_for_val(args, nc: int, device):
     """An exported model (ONNX float or INT8, TFLite, ncnn) in its runtime; a fixed-size one sets ``args.imgsz``."""
-    from .engine.predictor import load_backend
+    from .runtimes import load_runtime
 
-    backend = load_backend(args.weights, device=device)
+    backend = load_runtime(args.weights, device=device)
     if backend.nms_inside:
         raise ConfigError(f"{args.weights}: NMS is inside the graph; val needs the raw output (export without --nms)")
     if len(backend.names) != nc:
@@ -161,7 +167,7 @@ def _exported_for_val(args: argparse.Namespace, nc: int, device):
     return backend
 
 
-def _trained_model(args: argparse.Namespace):
+def _trained_model(args):
     """The model of a ``--weights`` checkpoint (its training size and data included), else None."""
     if not getattr(args, "weights", None) or _exported(args.weights):
         return None
@@ -170,7 +176,7 @@ def _trained_model(args: argparse.Namespace):
     return load_model(args.weights)
 
 
-def _imgsz(args: argparse.Namespace, trained) -> int:
+def _imgsz(args, trained) -> int:
     """--imgsz, else the size the checkpoint was trained at, else 640."""
     if args.imgsz is not None:
         return args.imgsz
@@ -181,11 +187,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from .config import check_imgsz
     from .engine.trainer import TrainConfig, Trainer, TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.resume and not args.cfg:
         raise ConfigError("train needs --cfg (a model YAML or built-in name) or --resume")
+    if args.imgsz is not None:
+        check_imgsz(args.imgsz, "--imgsz")
     flags = {f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
     given = {k: v for k, v in vars(args).items() if k in flags and v is not None}
     # with --resume the run's stored configuration holds; Trainer refuses flags other than epochs/device/workers
@@ -208,22 +217,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
+def cmd_detect(args) -> int:
     import logging
 
-    from .engine.device import next_run_dir, select_device
-    from .engine.predictor import check_classes, detect, load_backend, resolve_source
+    from .engine.device import select_device
+    from .engine.predictor import check_classes, detect, resolve_source
+    from .files import check_writable, run_dir
+    from .runtimes import load_runtime
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     resolve_source(args.source)  # a missing or unreadable source fails before the model is built
-    device = select_device(args.device)
-    backend = load_backend(args.weights, args.cfg, device, args.half)
+    check_writable(args.project)
+    device = select_device(args.device, "detect")
+    backend = load_runtime(args.weights, args.cfg, device, args.half)
     check_classes(args.classes, backend.names)
-    imgsz = _imgsz(args, backend)  # a TorchBackend of a checkpoint knows its training size
-    save_dir = next_run_dir(args.project, args.name)
-    stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
-                   max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
-                   save_json=args.save_json, show=args.show, drop_frames=args.drop_frames)
+    imgsz = _imgsz(args, backend)  # a TorchRuntime of a checkpoint knows its training size
+    with run_dir(args.project, args.name) as save_dir:
+        stats = detect(backend, args.source, save_dir, imgsz=imgsz, conf=args.conf, iou=args.iou,
+                       max_det=args.max_det, classes=args.classes, batch=args.batch, save_txt=args.save_txt,
+                       save_json=args.save_json, show=args.show, drop_frames=args.drop_frames)
+    if not stats["frames"] and not stats["interrupted"]:  # every image or frame unreadable: nothing was done
+        raise ConfigError(f"{args.source}: no image or frame could be read ({stats['skipped']} unreadable); "
+                          "nothing was saved")
     ms = stats["ms_per_frame"]
     print(f"{stats['frames']} frames; per frame: {ms['pre']:.1f} ms pre-process, {ms['inference']:.1f} ms "
           f"inference, {ms['nms']:.1f} ms NMS, {ms['draw']:.1f} ms drawing and saving")
@@ -242,7 +257,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 130 if stats["interrupted"] else 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args) -> int:
     from .export.onnx import export_onnx
 
     if args.format != "onnx":
@@ -260,26 +275,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(model, output, imgsz=_imgsz(args, model), batch=args.batch, dynamic=args.dynamic,
                          opset=args.opset, simplify=args.simplify, half=args.half, nms=args.nms,
                          max_det=args.max_det, device=args.device)
-    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB) in {report['export_s']:.1f} s; "
-          f"ONNX Runtime vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
-          f"({', '.join(report['checked'])})")
+    print(report.summary())
     return 0
 
 
-def _export_phone(args: argparse.Namespace) -> int:
+def _export_phone(args) -> int:
     """--format tflite (float32, --half, --int8) or ncnn (float32, --half): checked in LiteRT or ncnn."""
-    onnx_only = {"--batch": args.batch != 1, "--dynamic": args.dynamic, "--nms": args.nms,
-                 "--simplify": args.simplify, "--opset": args.opset != 17, "--max-det": args.max_det != 300,
-                 "--calib-method": args.calib_method != "entropy",
-                 "--keep-float": args.keep_float != ["decode", "softmax"]}
-    given = [flag for flag, set_ in onnx_only.items() if set_]
-    if given:
-        raise ConfigError(f"{', '.join(given)}: for --format onnx only ({args.format} exports batch 1, fixed size, "
-                          "without NMS)")
-    if args.int8 and args.format == "ncnn":
-        raise ConfigError("--int8 is for --format onnx or tflite (ncnn's INT8 tools are not in its Python package)")
-    if args.int8 and args.half:
-        raise ConfigError("--half and --int8 are two precisions: choose one")
     model = _trained_model(args) if args.weights else None
     stem = Path(args.weights).with_suffix("") if args.weights else Path(Path(args.cfg).stem)
     data = None
@@ -294,10 +295,7 @@ def _export_phone(args: argparse.Namespace) -> int:
         from .export.ncnn import export_ncnn
 
         output = Path(args.output) if args.output else stem.with_name(stem.name + "_ncnn")
-        report = export_ncnn(model, output, imgsz=imgsz, half=args.half)
-        print(f"Exported {report['path']}/ ({report['size_mb']:.1f} MB {report['precision']} weights) in "
-              f"{report['export_s']:.1f} s; ncnn vs PyTorch max abs difference {report['max_abs_diff']:.2e} "
-              f"({report['checked']})")
+        print(export_ncnn(model, output, imgsz=imgsz, half=args.half).summary())
         return 0
     from .export.tflite import export_tflite
 
@@ -305,20 +303,11 @@ def _export_phone(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else stem.with_name(stem.name + suffix)
     report = export_tflite(model, output, imgsz=imgsz, half=args.half, int8=args.int8, data=data,
                            calib_images=args.calib_images)
-    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB, {report['precision']}) in "
-          f"{report['export_s']:.1f} s", end="")
-    if args.int8:
-        print(f"; PT2E static INT8 calibrated on {report['calibration_images']} letterboxed train images at {imgsz}")
-        print(f"mAP50-95 on {report['evaluated_on']}: PyTorch {report['map_float']['map']:.4f}, "
-              f"LiteRT INT8 {report['map_int8']['map']:.4f}; mAP50 {report['map_float']['map50']:.4f} -> "
-              f"{report['map_int8']['map50']:.4f}")
-    else:
-        print(f"; LiteRT vs PyTorch max abs difference {report['max_abs_diff']:.2e} on boxes and scores "
-              f"({report['checked']})")
+    print(report.summary())
     return 0
 
 
-def _calibration_data(args: argparse.Namespace, model) -> tuple[Path, Any]:
+def _calibration_data(args, model) -> tuple[Path, Any]:
     """--int8's data YAML (--data, else the checkpoint's training data) and the model with its classes."""
     from .config import load_data_config
     from .datasets.synthetic import resolve_data
@@ -332,41 +321,27 @@ def _calibration_data(args: argparse.Namespace, model) -> tuple[Path, Any]:
     return data, model
 
 
-def _export_int8(args: argparse.Namespace, model, output: Path) -> int:
+def _export_int8(args, model, output: Path) -> int:
     from .export.int8 import export_int8
 
-    if args.half or args.nms or args.dynamic or args.batch != 1:
-        raise ConfigError("--int8 exports a static batch-1 float32 graph: drop --half, --nms, --dynamic, --batch")
     data, model = _calibration_data(args, model)
     output = Path(args.output) if args.output else output.with_name(output.stem + "_int8.onnx")
     imgsz = _imgsz(args, model)
     report = export_int8(model, output, data, imgsz=imgsz, calib_images=args.calib_images,
                          method=args.calib_method, keep_float=args.keep_float, opset=args.opset)
-    print(f"Exported {report['path']} ({report['size_mb']:.1f} MB, float {report['float']['size_mb']:.1f} MB) "
-          f"in {report['quantize_s']:.1f} s: QDQ int8, {report['method']} calibration on "
-          f"{report['calibration_images']} letterboxed train images at {imgsz}; {len(report['float_nodes'])} "
-          f"nodes kept float ({', '.join(args.keep_float) or 'none'})")
-    print(f"mAP50-95 on {report['evaluated_on']}: float {report['map_float']['map']:.4f}, "
-          f"INT8 {report['map_int8']['map']:.4f} (drop {report['map_float']['map'] - report['map_int8']['map']:+.4f}); "
-          f"mAP50 {report['map_float']['map50']:.4f} -> {report['map_int8']['map50']:.4f}")
-    print(f"ONNX Runtime latency at {imgsz} (batch 1, medians interleaved): float {report['ms_float']:.1f} ms, "
-          f"INT8 {report['ms_int8']:.1f} ms ({report['ms_int8'] / report['ms_float']:.2f}x)")
+    print(report.summary())
     return 0
 
 
-def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import BenchmarkConfig, format_markdown, run_benchmark, save_results
-    from .config import list_builtin_models
-    from .engine.device import next_run_dir
+def cmd_benchmark(config, args: argparse.Namespace) -> int:
+    """``config`` a BenchmarkConfig (its check passed: bad YAMLs, sizes, devices and files fail before the first
+    model is built); ``args.out`` the results file."""
+    from .benchmark import format_markdown, run_benchmark, save_results
+    from .files import check_writable, claim_run_dir
 
-    config = BenchmarkConfig(cfgs=args.cfg or list_builtin_models(), imgsz=args.imgsz, batch=args.batch,
-                             device=args.device, backends=args.backend, half=args.half, compile=args.compile,
-                             compare_ultralytics=args.compare_ultralytics, train_speed=args.train_speed,
-                             train_batch=args.train_batch, runs=args.runs, warmup=args.warmup,
-                             map_file=args.map)
-    config.check()  # bad YAMLs, sizes, devices and files fail before the first model is built
+    check_writable(Path(args.out).parent if args.out else "runs/benchmark")
     rows = run_benchmark(config)
-    out = Path(args.out) if args.out else next_run_dir("runs/benchmark") / "results.md"
+    out = Path(args.out) if args.out else claim_run_dir("runs/benchmark") / "results.md"
     files = save_results(rows, out, config)
     print(format_markdown(rows))
     print("Wrote " + ", ".join(str(p) for p in files.values()))
@@ -412,39 +387,90 @@ class CommandParser(_Parser):
         return super().parse_known_args(args, namespace)
 
 
+# flag types named in the configs' field metadata (the configs import no argparse)
+ARG_TYPES = {"positive": int_at_least(1), "non_negative": int_at_least(0), "fraction": fraction}
+# command -> (module, config class): each command's flags are its class's fields, read on first use
+COMMAND_CONFIGS = {
+    "train": ("yolo_mobile.engine.trainer", "TrainConfig"),
+    "val": ("yolo_mobile.engine.validate", "ValConfig"),
+    "detect": ("yolo_mobile.engine.predictor", "DetectConfig"),
+    "export": ("yolo_mobile.export.config", "ExportConfig"),
+    "benchmark": ("yolo_mobile.benchmark", "BenchmarkConfig"),
+}
+
+
+def config_class(command: str) -> type:
+    import importlib
+
+    module, name = COMMAND_CONFIGS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def add_dataclass_flags(p: argparse.ArgumentParser, klass: type) -> None:
-    """One flag per field of ``klass`` with a ``help`` in its metadata: type, choices and default read from the
-    field. Flags default to None, so only those given override the dataclass; a bool field that is True by
-    default becomes ``--no-<name>``."""
+    """One flag per field of ``klass`` with a ``help`` in its metadata (see ``config.flag``): type, choices,
+    nargs and default read from the field. Flags default to None, so only those given override the dataclass; a
+    bool field that is True by default becomes ``--no-<name>``, one that is None by default a pair of flags."""
     hints = typing.get_type_hints(klass)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in dataclasses.fields(klass):
-        if "help" not in f.metadata:
+        meta = f.metadata
+        if "help" not in meta:
             continue
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-        flag = f.name.replace("_", "-")
-        shown = f.default not in (None, "") and f.metadata.get("show_default", True)
-        default = f" (default {f.default})" if shown else ""
-        if kind is bool:
-            off = f.default is True
-            p.add_argument(f"--no-{flag}" if off else f"--{flag}", dest=f.name, default=None,
-                           action="store_false" if off else "store_true",
-                           help=f"skip: {f.metadata['help']}" if off else f.metadata["help"])
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+        option = meta.get("flag", "--" + f.name.replace("_", "-"))
+        default = _default(f)
+        target = p
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = p.add_mutually_exclusive_group(required=meta.get("required", False))
+            target = groups[meta["group"]]
+        if kind is bool and "off_flag" in meta:
+            pair = p.add_mutually_exclusive_group()
+            pair.add_argument(option, dest=f.name, action="store_true", default=None, help=meta["help"])
+            pair.add_argument(meta["off_flag"], dest=f.name, action="store_false", help=meta["off_help"])
+        elif kind is bool:
+            off = default is True
+            target.add_argument(f"--no-{option[2:]}" if off else option, dest=f.name, default=None,
+                                action="store_false" if off else "store_true",
+                                help=f"skip: {meta['help']}" if off else meta["help"])
         else:
-            p.add_argument(f"--{flag}", type=kind, choices=f.metadata.get("choices"),
-                           metavar=f.metadata.get("metavar"), help=f.metadata["help"] + default)
+            shown = default not in (None, "", []) and meta.get("show_default", True)
+            renamed = option[2:].replace("-", "_") != f.name and "choices" not in meta
+            metavar = meta.get("metavar") or (option[2:].replace("-", "_").upper() if renamed else None)
+            extra = {"required": True} if meta.get("required") and target is p else {}
+            target.add_argument(option, dest=f.name, type=ARG_TYPES.get(meta.get("type")) or item or kind,
+                                nargs=meta.get("nargs"), choices=meta.get("choices"), metavar=metavar,
+                                help=meta["help"] + (f" (default {_shown(default)})" if shown else ""), **extra)
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .engine.trainer import TrainConfig
+def options(args: argparse.Namespace, klass: type) -> Any:
+    """The command's config: the dataclass's defaults, with the flags that were given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(klass)
+             if "help" in f.metadata and getattr(args, f.name, None) is not None}
+    return klass(**given)
 
-    add_dataclass_flags(p, TrainConfig)
-    p.add_argument("--resume", help="runs/train/<name>/weights/last.pt: continue at the next epoch")
 
+def add_command_flags(command: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        add_dataclass_flags(p, config_class(command))
+        if command == "train":
+            p.add_argument("--resume", help="runs/train/<name>/weights/last.pt: continue at the next epoch")
+        if command == "benchmark":
+            p._mutually_exclusive_groups[0].add_argument("--all", action="store_true",
+                                                         help="every built-in model (the default)")
+            p.add_argument("--out", help="results .md (CSV and PNG written beside it); default "
+                                         "runs/benchmark/expN/")
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--weights", help="a yolo-mobile checkpoint (.pt)")
-    group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model, for pipeline checks")
+    return add
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,82 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nc", type=int, default=None, help="override the YAML's number of classes")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("val", help="COCO mAP of a model on a dataset split")
-    add_model_args(p)
-    p.add_argument("--data", help="data YAML (ultralytics format: path, train, val, names), or shapes; "
-                                  "default: the data a --weights checkpoint was trained on")
-    p.add_argument("--split", default="val", help="which split of the data YAML")
-    p.add_argument("--imgsz", type=int, help="letterbox size, a multiple of 32 (default: the checkpoint's "
-                                             "training size, else 640)")
-    p.add_argument("--batch", type=int_at_least(1), default=32)
-    p.add_argument("--conf", type=fraction, default=0.001, help="confidence threshold before NMS")
-    p.add_argument("--iou", type=fraction, default=0.7, help="NMS IoU threshold")
-    p.add_argument("--max-det", type=int_at_least(1), default=300, help="detections kept per image")
-    p.add_argument("--device", default="", help="cpu, or a GPU index such as 0 (default: GPU 0 if present)")
-    p.add_argument("--save-json", action="store_true", help="also write predictions.json (COCO results format)")
-    p.add_argument("--eval-backend", choices=["pycocotools", "faster"], default="pycocotools")
-    p.add_argument("--workers", type=int_at_least(0), default=None, help="data loader processes")
-    p.add_argument("--project", default="runs/val", help="results go to PROJECT/NAME")
-    p.add_argument("--name", default="exp", help="run name (numbered when it exists)")
-    p.set_defaults(func=cmd_val)
-
-    p = sub.add_parser("train", help="train a detector (DDP: torchrun --nproc_per_node N -m yolo_mobile train ...)",
-                       add_flags=add_train_flags)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("detect", help="detect objects in images, folders, globs, videos, webcams or streams")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--weights", help="a checkpoint (.pt) or an exported model (.onnx, .tflite, an ncnn folder)")
-    group.add_argument("--cfg", help="a model YAML or built-in name: an untrained model")
-    p.add_argument("--source", required=True, help="image, folder, glob, video, webcam index (0) or stream URL")
-    p.add_argument("--imgsz", type=int, help="inference size (default: the checkpoint's training size, else 640)")
-    p.add_argument("--conf", type=fraction, default=0.25)
-    p.add_argument("--iou", type=fraction, default=0.7)
-    p.add_argument("--max-det", type=int_at_least(1), default=300)
-    p.add_argument("--classes", type=int_at_least(0), nargs="+", help="keep only these class indices")
-    p.add_argument("--batch", type=int_at_least(1), default=1, help="frames per forward pass")
-    p.add_argument("--device", default="", help="cpu or a GPU index")
-    p.add_argument("--half", action="store_true", help="fp16 on CUDA")
-    p.add_argument("--save-txt", action="store_true", help="YOLO labels with confidences, one file per image/frame")
-    p.add_argument("--save-json", action="store_true", help="all detections in predictions.json")
-    p.add_argument("--show", action="store_true", help="show frames in a window")
-    frames = p.add_mutually_exclusive_group()
-    frames.add_argument("--drop-frames", dest="drop_frames", action="store_true", default=None,
-                        help="process the newest frame, drop stale ones (the default for webcams and streams); on a "
-                             "video file, read it at its frame rate as a camera would deliver it")
-    frames.add_argument("--keep-frames", dest="drop_frames", action="store_false",
-                        help="process every frame, however far behind (the default for files)")
-    p.add_argument("--project", default="runs/detect")
-    p.add_argument("--name", default="exp")
-    p.set_defaults(func=cmd_detect)
-
-    p = sub.add_parser("export", help="export to ONNX, TFLite or ncnn and check it against PyTorch in its runtime")
-    add_model_args(p)
-    p.add_argument("--format", choices=["onnx", "tflite", "ncnn"], default="onnx",
-                   help="onnx; tflite (LiteRT, needs .[tflite]); ncnn (a <name>_ncnn/ folder, needs .[ncnn])")
-    p.add_argument("--output", help="file (folder for ncnn) to write (default: the weights' path with .onnx, "
-                                    ".tflite, _int8.tflite or _ncnn)")
-    p.add_argument("--imgsz", type=int, help="export size (default: the checkpoint's training size, else 640)")
-    p.add_argument("--batch", type=int_at_least(1), default=1)
-    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (9 to the newest torch writes)")
-    p.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    p.add_argument("--half", action="store_true", help="fp16 weights (ONNX: exported on CUDA; tflite, ncnn: on "
-                                                       "the CPU)")
-    p.add_argument("--nms", action="store_true", help="embed NMS: outputs (B, max_det, 6) and a count")
-    p.add_argument("--max-det", type=int_at_least(1), default=300)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--int8", action="store_true", help="also quantize: static INT8 calibrated on --data, written "
-                                                       "as <name>_int8.onnx (or .tflite); prints float vs INT8 mAP")
-    p.add_argument("--data", help="data YAML for --int8: train images calibrate, val images evaluate "
-                                  "(default: the checkpoint's training data)")
-    p.add_argument("--calib-images", type=int, default=256, help="train images for --int8 calibration")
-    # export.int8.CALIB_METHODS / CALIB_METHOD, spelled out so that --help does not import onnx and torch
-    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"], default="entropy")
-    p.add_argument("--keep-float", nargs="*", choices=["decode", "softmax"], default=["decode", "softmax"],
-                   help="--int8: parts left in float (decode: the box decode; softmax: every Softmax, "
-                        "attention included); none: quantize them too")
-    p.set_defaults(func=cmd_export)
+    commands = {
+        "val": ("COCO mAP of a model on a dataset split", cmd_val),
+        "train": ("train a detector (DDP: torchrun --nproc_per_node N -m yolo_mobile train ...)", cmd_train),
+        "detect": ("detect objects in images, folders, globs, videos, webcams or streams", cmd_detect),
+        "export": ("export to ONNX, TFLite or ncnn and check it against PyTorch in its runtime", cmd_export),
+    }
+    for name, (text, func) in commands.items():
+        sub.add_parser(name, help=text, add_flags=add_command_flags(name)).set_defaults(func=func)
 
     p = sub.add_parser("weights", help="pretrained backbone weights files")
     weights = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -552,28 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_weights_inspect)
 
     p = sub.add_parser("benchmark", help="params, GFLOPs, latency, throughput, memory and training speed, "
-                                         "side by side (with ultralytics' models on request)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--cfg", nargs="+", help="model YAMLs or built-in names (default: all built-in models)")
-    group.add_argument("--all", action="store_true", help="every built-in model (the default)")
-    p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="square input sizes")
-    p.add_argument("--batch", type=int, default=1, help="batch for the throughput and memory columns")
-    p.add_argument("--device", default="cpu", help="cpu or a GPU index such as 0")
-    p.add_argument("--backend", nargs="+", choices=["torch", "onnxruntime", "onnxruntime-int8", "tflite", "ncnn"],
-                   default=["torch", "onnxruntime"],
-                   help="PyTorch eager (fused), ONNX Runtime (CUDA provider on a GPU when installed), ONNX Runtime "
-                        "on the INT8 file (calibrated on drawn shapes-set images), LiteRT with XNNPACK (.[tflite]), "
-                        "ncnn (.[ncnn]); the exported files are timed interleaved at one thread count")
-    p.add_argument("--half", action="store_true", help="fp16 (GPU only)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (the compile time is reported)")
-    p.add_argument("--compare-ultralytics", action="store_true",
-                   help="also measure ultralytics' YOLOv5nu, YOLOv8n, YOLO11n (built from their YAMLs)")
-    p.add_argument("--train-speed", action="store_true", help="training img/s: forward, loss, backward, step")
-    p.add_argument("--train-batch", type=int, default=16, help="batch for --train-speed")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement (after --warmup)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--map", type=Path, help="CSV of model,mAP50-95: the plot shows mAP against latency")
-    p.add_argument("--out", help="results .md (CSV and PNG written beside it); default runs/benchmark/expN/")
+                                         "side by side (with ultralytics' models on request)",
+                       add_flags=add_command_flags("benchmark"))
     p.set_defaults(func=cmd_benchmark)
     _add_verbose(sub)
     return parser
@@ -594,17 +532,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a bad flag (one line already printed), --help or --version: a code, not an exit
         return int(e.code or 0)
-    sizes = getattr(args, "imgsz", None)
-    for size in sizes if isinstance(sizes, list) else [32 if sizes is None else sizes]:
-        if size < 32 or size % 32:
-            print(f"yolo-mobile: error: --imgsz must be a positive multiple of 32, got {size}", file=sys.stderr)
-            return 2
     try:
+        if args.command in COMMAND_CONFIGS and args.command != "train":  # train reads its flags itself (--resume)
+            config = options(args, config_class(args.command))
+            config.check()  # every rule between flags, before any work
+            return args.func(config, args) if args.command == "benchmark" else args.func(config)
         return args.func(args)
     except (ConfigError, RegistryError, FileNotFoundError, ValueError, ImportError) as e:
         if args.verbose:
             raise
         print(f"yolo-mobile: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or protected folder...: the path and the cause in one line
+        if args.verbose:
+            raise
+        from .files import describe_os_error
+
+        print(f"yolo-mobile: error: {args.command}: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C in val, export, benchmark...: the shell's code for it, not a traceback
         if args.verbose:

@@ -20,6 +20,25 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and why."""
 
 
+def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag: the CLI reads its type, default and help from here.
+    ``argparse_kwargs`` may add ``choices``, ``nargs``, ``type`` (a parser such as ``int_at_least(1)``'s name),
+    ``flag`` (the option's name when it is not the field's), ``group`` (a mutually exclusive group, ``required``
+    when one of it must be given), ``off_flag`` and ``off_help`` (a None-by-default bool's "no" option),
+    ``show_default``. A list default is copied for each instance."""
+    metadata = {"help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_imgsz(size: Any, what: str = "imgsz") -> int:
+    """``size`` as an input side: a positive multiple of 32 (the largest stride), else ConfigError."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 32:
+        raise ConfigError(f"{what} must be a positive multiple of 32, got {size}")
+    return size
+
+
 # ---------------------------------------------------------------------------------------------------------- YAML
 @dataclass
 class YamlDoc:
@@ -128,12 +147,19 @@ class NeckConfig:
     width: float = field(default=0.25, metadata=_valid(lambda v: 0 < v < float("inf"), "a finite number > 0"))
     act: str = "silu"
     sppf_kernel: int = field(default=5, metadata=_valid(lambda v: v > 0 and v % 2, "an odd integer >= 1"))
+    # every 3x3 conv of the PAN and of the head depthwise 3x3 + pointwise 1x1 (YOLOX-Nano's depthwise=True)
+    depthwise: bool = False
+    sppf: bool = True  # false: P5 enters the PAN through a 1x1 conv, no spatial pyramid pooling
 
 
 @dataclass
 class HeadConfig:
     reg_max: int = field(default=16, metadata=_valid(lambda v: v >= 1, "an integer >= 1"))
     act: str = "silu"
+    # the box and class branches' width; 0: YOLOv8's rule from the neck's P3 width and nc
+    channels: int = field(default=0, metadata=_valid(lambda v: v >= 0, "an integer >= 0 (0: YOLOv8's widths)"))
+    # one stack of 3x3 convs per level for both branches, which keep only their 1x1 predictions
+    shared: bool = False
 
 
 @dataclass

@@ -85,7 +85,7 @@ def class_names(model: nn.Module) -> list[str]:
 def inference_copy(model: nn.Module, device: torch.device | str = "cpu", half: bool = False) -> nn.Module:
     """A fused eval-mode copy on ``device`` in channels_last, fp16 when ``half``; the caller's model is left as
     it was. channels_last lets oneDNN (CPU) and cuDNN (GPU) skip a layout reorder around every convolution:
-    measured 5-40% faster on CPU for our models (see the benchmark section of README)."""
+    measured 5-40% faster on CPU for our models (docs/benchmark.md)."""
     fused = copy.deepcopy(model).eval()
     fuse = getattr(fused, "fuse", None)
     if callable(fuse):
@@ -203,9 +203,11 @@ def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None =
         raise ConfigError(f"{config.backbone_at}: {e}") from e
     try:
         neck = PAN(list(backbone.channels), list(backbone.strides), depth=config.neck.depth, width=config.neck.width,
-                   act=config.neck.act, sppf_kernel=config.neck.sppf_kernel)
+                   act=config.neck.act, sppf_kernel=config.neck.sppf_kernel, depthwise=config.neck.depthwise,
+                   sppf=config.neck.sppf)
         head = DetectHead(config.nc, neck.channels, list(backbone.strides), reg_max=config.head.reg_max,
-                          act=config.head.act)
+                          act=config.head.act, channels=config.head.channels, depthwise=config.neck.depthwise,
+                          shared=config.head.shared)
     except ValueError as e:
         raise ConfigError(f"{config.source}: {e}") from e
     model = model_class(backbone, neck, head, config)

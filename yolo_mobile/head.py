@@ -4,6 +4,11 @@ Training returns the raw per-level maps (box distribution channels first, then c
 ultralytics' detection loss reads. Eval returns ``(B, 4 + nc, N)``: cx, cy, w, h in input pixels, then class
 scores, the layout of ultralytics' ONNX files. The decode (anchor points, distances to boxes) is our own, so
 inference and export never import ultralytics.
+
+Options for light models (defaults: YOLOv8's head): ``channels`` sets the box and class branches' width apart from
+the neck's (PicoDet, NanoDet); ``depthwise`` makes each 3x3 conv depthwise 3x3 + pointwise 1x1 (YOLOX-Nano);
+``shared`` runs the two 3x3 convs once per level for both branches, which keep only their 1x1 predictions
+(NanoDet-Plus, GFL).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import ConvBNAct
+from .layers import conv_block
 
 
 def anchor_points(maps: list[torch.Tensor], strides: list[int], offset: float = 0.5
@@ -42,22 +47,31 @@ def distances_to_boxes(distances: torch.Tensor, points: torch.Tensor, xywh: bool
     return torch.cat((top_left_corner, bottom_right_corner), dim)
 
 
+def _convs(c_in: int, c_out: int, act: str, depthwise: bool) -> list[nn.Module]:
+    """A branch's two 3x3 Conv-BN-Acts."""
+    return [conv_block(c_in, c_out, 3, act=act, depthwise=depthwise),
+            conv_block(c_out, c_out, 3, act=act, depthwise=depthwise)]
+
+
 class DetectHead(nn.Module):
     def __init__(self, nc: int, in_channels: list[int], strides: list[int], reg_max: int = 16,
-                 act: str = "silu") -> None:
+                 act: str = "silu", channels: int = 0, depthwise: bool = False, shared: bool = False) -> None:
         super().__init__()
         self.nc, self.reg_max, self.strides = nc, reg_max, list(strides)
         self.no = nc + 4 * reg_max
-        c_box = max(16, in_channels[0] // 4, reg_max * 4)
-        c_cls = max(in_channels[0], min(nc, 100))
+        # YOLOv8's widths unless ``channels`` sets both
+        c_box = channels or max(16, in_channels[0] // 4, reg_max * 4)
+        c_cls = channels or max(in_channels[0], min(nc, 100))
+        self.stem: nn.ModuleList | None = None
+        if shared:
+            c_box = c_cls = max(c_box, c_cls)
+            self.stem = nn.ModuleList(nn.Sequential(*_convs(c, c_cls, act, depthwise)) for c in in_channels)
         self.box = nn.ModuleList(
-            nn.Sequential(ConvBNAct(c, c_box, 3, act=act), ConvBNAct(c_box, c_box, 3, act=act),
-                          nn.Conv2d(c_box, 4 * reg_max, 1))
+            nn.Sequential(*([] if shared else _convs(c, c_box, act, depthwise)), nn.Conv2d(c_box, 4 * reg_max, 1))
             for c in in_channels
         )
         self.cls = nn.ModuleList(
-            nn.Sequential(ConvBNAct(c, c_cls, 3, act=act), ConvBNAct(c_cls, c_cls, 3, act=act),
-                          nn.Conv2d(c_cls, nc, 1))
+            nn.Sequential(*([] if shared else _convs(c, c_cls, act, depthwise)), nn.Conv2d(c_cls, nc, 1))
             for c in in_channels
         )
         self.register_buffer("bins", torch.arange(reg_max, dtype=torch.float32), persistent=False)
@@ -71,6 +85,8 @@ class DetectHead(nn.Module):
             nn.init.constant_(cls[-1].bias, math.log(5 / self.nc / (imgsz / s) ** 2))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor:
+        if self.stem is not None:
+            feats = [stem(f) for f, stem in zip(feats, self.stem, strict=True)]
         maps = [torch.cat((box(f), cls(f)), 1) for f, box, cls in zip(feats, self.box, self.cls, strict=True)]
         return maps if self.training else self.decode(maps)
 

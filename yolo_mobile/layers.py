@@ -1,4 +1,5 @@
-"""Small layers of the YOLOv5 family (Conv-BN-Act, C3, SPPF) and Conv+BN folding for deployment.
+"""Small layers of the YOLOv5 family (Conv-BN-Act, C3, SPPF), their depthwise-separable variants for light necks
+and heads, and Conv+BN folding for deployment.
 
 The activation is always an argument: no class attribute decides it, so building one model never changes another.
 """
@@ -51,12 +52,34 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+class DWSConv(nn.Module):
+    """Depthwise-separable convolution: depthwise k x k (stride ``s``) then pointwise 1x1, each Conv-BN-Act
+    (YOLOX-Nano's DWConv, MobileNet's block without expansion)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3, s: int = 1, act: str = "silu") -> None:
+        super().__init__()
+        self.dw = ConvBNAct(c_in, c_in, k, s, g=c_in, act=act)
+        self.pw = ConvBNAct(c_in, c_out, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x))
+
+
+def conv_block(c_in: int, c_out: int, k: int = 1, s: int = 1, act: str = "silu", depthwise: bool = False
+               ) -> nn.Module:
+    """A k x k Conv-BN-Act, or with ``depthwise`` (and k > 1) its depthwise-separable replacement."""
+    if depthwise and k > 1:
+        return DWSConv(c_in, c_out, k, s, act=act)
+    return ConvBNAct(c_in, c_out, k, s, act=act)
+
+
 class Bottleneck(nn.Module):
-    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, expansion: float = 1.0, act: str = "silu") -> None:
+    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, expansion: float = 1.0, act: str = "silu",
+                 depthwise: bool = False) -> None:
         super().__init__()
         hidden = int(c_out * expansion)
         self.cv1 = ConvBNAct(c_in, hidden, 1, act=act)
-        self.cv2 = ConvBNAct(hidden, c_out, 3, act=act)
+        self.cv2 = conv_block(hidden, c_out, 3, act=act, depthwise=depthwise)
         self.add = shortcut and c_in == c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +88,16 @@ class Bottleneck(nn.Module):
 
 
 class C3(nn.Module):
-    """CSP bottleneck with 3 convolutions (YOLOv5)."""
+    """CSP bottleneck with 3 convolutions (YOLOv5); ``depthwise``: the bottlenecks' 3x3 convs depthwise-separable."""
 
-    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, act: str = "silu") -> None:
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, act: str = "silu",
+                 depthwise: bool = False) -> None:
         super().__init__()
         hidden = c_out // 2
         self.cv1 = ConvBNAct(c_in, hidden, 1, act=act)
         self.cv2 = ConvBNAct(c_in, hidden, 1, act=act)
         self.cv3 = ConvBNAct(2 * hidden, c_out, 1, act=act)
-        self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut, 1.0, act) for _ in range(n)))
+        self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut, 1.0, act, depthwise) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))

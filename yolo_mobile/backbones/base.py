@@ -26,12 +26,18 @@ class Backbone(nn.Module):
     ``forward(x)`` takes an RGB tensor in [0, 1] that the detector has already normalised with ``mean``/``std``
     (None means the backbone wants [0, 1] as it is) and returns 3 maps whose channels and strides are
     ``channels`` and ``strides``.
+
+    The optional hooks below have defaults that mean "not offered"; a family overrides those it has. A third-party
+    backbone need not subclass this class: any ``nn.Module`` with ``channels`` and ``strides`` works, and the
+    hooks are looked up on it by name.
     """
 
     channels: list[int]
     strides: list[int]
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    #: the names ``variant=`` accepts; ``yolo-mobile weights inspect`` tries each against a weights file
+    variants: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,6 +46,18 @@ class Backbone(nn.Module):
     def reparameterize(self) -> None:
         """Fuse for deployment (Conv+BN folding here; families with train-time branches do more)."""
         fold_conv_bn(self)
+
+    @staticmethod
+    def pretrained_style(keys: set[str]) -> str | None:
+        """The name of the key style (e.g. "timm", "official") when a weights file with these tensor names is
+        this family's, else None. ``weights inspect`` and ``pretrained:`` use it to recognise a file."""
+        return None
+
+    def map_pretrained(self, tensors: dict[str, torch.Tensor], style: str | None) -> dict[str, torch.Tensor] | None:
+        """A weights file's tensors renamed (and reshaped where needed) to this backbone's state_dict keys, for the
+        ``style`` that ``pretrained_style`` named (None when unrecognised); None when the family has no mapping,
+        and the names as saved are tried alone."""
+        return None
 
 
 def register_backbone(name: str, builder: Any = None):

@@ -41,7 +41,7 @@ class MobileNetV3(Backbone):
         self.features = features[: taps[-1] + 1]
         # torchvision's momentum 0.01 (for 600 ImageNet epochs) leaves the running statistics ~100 steps behind
         # the weights of a short run: 10 epochs from scratch scored 0.437 mAP50-95 with it, 0.574 with the
-        # detector's 0.03 (README, Training); eps is already 1e-3.
+        # detector's 0.03 (docs/training.md); eps is already 1e-3.
         for m in self.features.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = BN_MOMENTUM

@@ -185,10 +185,11 @@ def match_weights(backbone: nn.Module, weights: WeightsFile, family: str = "",
     own = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
     guess = guess or guess_family(weights.tensors)
     candidates: list[tuple[str, dict[str, torch.Tensor]]] = []
-    mapper = getattr(backbone, "map_pretrained", None)
-    if callable(mapper):  # first, so that it names the style when names as saved match equally well
-        style = guess[1] if guess and guess[0] == family else None
-        candidates.append((style or "mapped", mapper(dict(weights.tensors), style)))
+    mapper = getattr(backbone, "map_pretrained", None)  # declared on Backbone; a plain nn.Module may lack it
+    style = guess[1] if guess and guess[0] == family else None
+    mapped = mapper(dict(weights.tensors), style) if callable(mapper) else None
+    if mapped is not None:  # first, so that it names the style when names as saved match equally well
+        candidates.append((style or "mapped", mapped))
     candidates.append(("as saved", weights.tensors))
     if any(k.startswith("backbone.") for k in weights.tensors):
         candidates.append(("yolo-mobile checkpoint", {k.removeprefix("backbone."): v for k, v in

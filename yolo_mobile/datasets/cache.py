@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import resources
 from ..config import ConfigError
+from ..files import write_with
 from .labels import decode_image
 from .letterbox import fit_shape
 
@@ -198,9 +199,7 @@ class ImageStore:
             for old in folder.glob(f"{stem}_*.npy"):  # an earlier version of this image
                 if old != target:
                     old.unlink(missing_ok=True)
-            tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, image, allow_pickle=False)
-            tmp.replace(target)
+            write_with(target, lambda f: np.save(f, image, allow_pickle=False))
 
         with ThreadPool(_threads()) as pool:
             pool.map(write, todo)

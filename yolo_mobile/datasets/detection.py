@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, DataConfig, read_coco_json
+from ..files import write_text
 from .augment import RareOps, hsv, hue_rotation, letterbox_tile, mosaic_tiles, render, sv_gain, to_chw_rgb
 from .cache import ImageStore
 from .labels import LabelError, label_path, read_yolo_labels, yolo_to_xyxy
@@ -141,9 +142,7 @@ def load_yolo_samples(images: list[Path], nc: int) -> tuple[list[Sample], list[s
         for cache in candidates:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(cache.name + ".tmp")
-                tmp.write_text(payload)
-                tmp.replace(cache)
+                write_text(cache, payload)
                 break
             except OSError:
                 continue
@@ -218,6 +217,9 @@ class DetectionDataset(Dataset):
                                 max(max_size or imgsz, imgsz), cache=None if cache in ("none", False) else cache,
                                 buffer_size=buffer_size)
         self._rng: random.Random | None = None
+        # images found unreadable during training, in memory the DataLoader workers share: each is warned
+        # about once a run, then passed over, and counted in the run's summary
+        self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
         self._rare = RareOps(self.hyp.blur)
         self._scratch: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -243,10 +245,14 @@ class DetectionDataset(Dataset):
         i, h, w = (item, self.imgsz, self.imgsz) if isinstance(item, int) else item
         for attempt in range(len(self.samples)):
             j = (i + attempt) % len(self.samples)
+            if self.unreadable[j]:
+                continue
             try:
                 return self._get(j, h, w)
             except OSError as e:  # an image that broke after the scan: use the next one
-                log.warning("skipped unreadable image during training: %s", e)
+                if not self.unreadable[j]:
+                    self.unreadable[j] = True
+                    log.warning("skipped unreadable image during training (not read again this run): %s", e)
         raise RuntimeError("no readable image left in the dataset")
 
     def _get(self, i: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,13 +6,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .labels import read_image
-from .letterbox import LetterboxInfo, letterbox_chw
+from .letterbox import LetterboxInfo, letterbox_batch, letterbox_chw
 
 log = logging.getLogger(__name__)
+
+
+class SourceError(FileNotFoundError):
+    """A source that cannot be read; raised before any work starts."""
+
+
+def sample_batch(paths: list[Path], batch: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A contiguous float (batch, 3, H, W) RGB batch in 0-1 of the images at ``paths`` (cycled to fill the
+    batch) letterboxed to ``shape``, or of one deterministic drawn image (shapes on a background) when there are
+    none: what exports are checked on."""
+    from .synthetic import draw_sample
+
+    images = [read_image(p) for p in paths] or [draw_sample(np.random.default_rng(0), max(shape))[0]]
+    return letterbox_batch([images[k % len(images)] for k in range(batch)], shape)[0].contiguous()
 
 
 class LetterboxImages(Dataset):

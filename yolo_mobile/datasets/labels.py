@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from ..files import write_bytes
+
+log = logging.getLogger(__name__)
+# a coordinate this far outside [0, 1] is a rounding error of the tool that wrote it (1.0000001), clipped to [0, 1]
+ROUNDING = 1e-4
 
 
 class LabelError(ValueError):
@@ -28,7 +35,8 @@ def read_yolo_labels(path: Path, nc: int) -> np.ndarray:
     """Rows of (class, cx, cy, w, h), normalised. A missing file means no objects.
 
     Raises LabelError naming the file and line for a malformed line, a class id outside 0..nc-1,
-    or coordinates outside [0, 1].
+    or coordinates outside [0, 1] (beyond ``ROUNDING``, which is clipped). A line repeated exactly is read once,
+    with one warning for the file.
     """
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
@@ -49,11 +57,13 @@ def read_yolo_labels(path: Path, nc: int) -> np.ndarray:
         cls = values[0]
         if cls != int(cls) or not 0 <= cls < nc:
             raise LabelError(f"{path}:{n}: class id {fields[0]} outside 0..{nc - 1} (the data YAML has {nc} names)")
-        w, h = values[3:]
-        if min(values[1:]) < 0 or max(values[1:]) > 1 or w == 0 or h == 0:
+        if min(values[1:]) < -ROUNDING or max(values[1:]) > 1 + ROUNDING or values[3] <= 0 or values[4] <= 0:
             raise LabelError(f"{path}:{n}: box {fields[1:]} is not normalised xywh inside [0, 1]")
-        rows.append(values)
-    return np.array(rows, np.float32).reshape(-1, 5)
+        rows.append([cls, *(min(max(v, 0.0), 1.0) for v in values[1:])])
+    unique = list(dict.fromkeys(map(tuple, rows)))
+    if len(unique) < len(rows):
+        log.warning("%s: %d duplicated line(s) dropped (each object counts once)", path, len(rows) - len(unique))
+    return np.array(unique, np.float32).reshape(-1, 5)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -90,7 +100,7 @@ def write_image(path: Path, bgr: np.ndarray, params: Sequence[int] = ()) -> None
     ok, data = cv2.imencode(Path(path).suffix or ".jpg", bgr, list(params))
     if not ok:
         raise OSError(f"{path}: OpenCV cannot encode an image of this type")
-    data.tofile(path)
+    write_bytes(path, data.tobytes())
 
 
 def yolo_to_xyxy(labels: np.ndarray, width: int, height: int) -> np.ndarray:

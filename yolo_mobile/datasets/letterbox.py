@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -60,6 +61,23 @@ def letterbox_chw(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray,
     """``letterbox``, then (H, W, C) -> contiguous (C, H, W), the layout a model batch stacks; channels as given."""
     boxed, info = letterbox(image, size)
     return np.ascontiguousarray(boxed.transpose(2, 0, 1)), info
+
+
+def letterbox_batch(images: Sequence[np.ndarray], shape: tuple[int, int],
+                    bgr: bool | Sequence[bool] = False) -> tuple[torch.Tensor, list[LetterboxInfo]]:
+    """Letterbox each (H, W, 3) uint8 image to ``shape`` = (height, width): a float32 (B, 3, H, W) RGB batch in
+    0-1 (channels_last in memory; ``.contiguous()`` for NCHW) and each image's ``LetterboxInfo``. ``bgr``: the
+    images (or, per image, which of them) are in OpenCV's BGR order, turned to RGB on the small letterboxed copy.
+    NumPy and OpenCV only: on a worker thread, a torch op would start a second OpenMP team competing with the
+    model's."""
+    flags = [bgr] * len(images) if isinstance(bgr, bool) else list(bgr)
+    boxed, infos = [], []
+    for image, is_bgr in zip(images, flags, strict=True):
+        b, info = letterbox(image, shape)
+        boxed.append(cv2.cvtColor(b, cv2.COLOR_BGR2RGB) if is_bgr else b)
+        infos.append(info)
+    x = np.divide(boxed[0][None] if len(boxed) == 1 else np.stack(boxed), np.float32(255), dtype=np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2), infos  # (B, H, W, 3) in memory: channels_last
 
 
 def unletterbox_boxes(boxes: torch.Tensor, info: LetterboxInfo) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .labels import write_image
 CLASSES = ["circle", "square", "triangle", "star"]
 VERSION = 2  # 2: the data YAML suggests imgsz and epochs
 # Training defaults the set's YAML suggests: its own image size, and epochs that fit about half an hour on a
-# 2-core CPU for mobilenetv3_large (README, "Training": measured)
+# 2-core CPU for mobilenetv3_large (docs/training.md: measured)
 EPOCHS = 10
 
 

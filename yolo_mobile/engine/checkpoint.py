@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..detector import Detector, build_model
+from ..files import write_with
 from ..version import __version__
 
 FORMAT_KEYS = ("model", "ema", "optimizer", "config", "names", "epoch", "metrics", "version")
@@ -45,10 +46,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, ema: nn.Module | None
         "version": __version__,
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
-    return path
+    # never a half-written checkpoint under the real name, nor a temporary left to fill the disk
+    return write_with(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

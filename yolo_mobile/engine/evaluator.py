@@ -18,6 +18,7 @@ import torch
 
 from ..config import ConfigError, load_data_config, read_coco_json
 from ..datasets.labels import image_size, label_path, read_yolo_labels, yolo_to_xyxy
+from ..files import write_text
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
@@ -59,6 +60,7 @@ class COCOEvaluator:
         self.backend, self.source = backend, source
         self._coco_id = {img: im["id"] for img, im in zip(image_ids, gt["images"], strict=True)}
         self.skipped: list[Path] = []  # images of the split left out of the ground truth (unreadable)
+        self.first_image: Path | None = None  # a YOLO split's first image, for messages about its labels
         self._dets: dict[int, np.ndarray] = {}  # COCO image id -> rows (image_id, x, y, w, h, score, category_id)
         self.summary_text = ""
 
@@ -96,7 +98,19 @@ class COCOEvaluator:
         evaluator = cls(gt, ids, data.names, list(range(data.nc)), backend, source=data.source,
                         distributed=distributed)
         evaluator.skipped = skipped
+        evaluator.first_image = next(iter(seen.values()), None)
         return evaluator
+
+    def check_ground_truth(self) -> None:
+        """Raise ConfigError when the split has no object at all: every image would score mAP 0, which reads
+        as a model that found nothing rather than as labels that were never found."""
+        if self.gt["annotations"]:
+            return
+        images = self.gt["images"]
+        where = (f"no label file with an object for any of its {len(images)} images (YOLO labels are looked for in "
+                 f"the 'labels' folder beside 'images', e.g. {label_path(self.first_image)})"
+                 if self.first_image is not None else f"its annotations list is empty ({len(images)} images)")
+        raise ConfigError(f"{self.source}: no ground truth: {where}; mAP cannot be measured")
 
     @classmethod
     def from_coco_json(cls, path: str | Path, backend: str = "pycocotools",
@@ -211,8 +225,7 @@ class COCOEvaluator:
              "bbox": [round(float(v), 3) for v in r[1:5]], "score": round(float(r[5]), 5)}
             for r in dets
         ]
-        path.write_text(json.dumps(records))
-        return path
+        return write_text(path, json.dumps(records))
 
 
 def _json_image_id(stem: str) -> int | str:

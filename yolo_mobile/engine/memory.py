@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..resources import proc_kb, usable_cpus
+from ..config import ConfigError
+from ..resources import GiB, available_bytes, proc_kb, usable_cpus
 
+log = logging.getLogger(__name__)
 WORKER_BYTES = 600 * 2**20  # one DataLoader worker: its own Python, torch, OpenCV and albumentations
+MEMORY_MARGIN = 0.8  # a training step may use this share of the memory available when it starts
+# --batch -1 keeps at least this many steps an epoch: on a small set (coco128) the batch that fits in memory is the
+# whole set, one step an epoch
+MIN_STEPS_PER_EPOCH = 8
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -104,3 +112,110 @@ def random_targets(batch: int, h: int, w: int, nc: int, per_image: int = 8, seed
     boxes = torch.minimum(torch.cat([centers - sizes / 2, centers + sizes / 2], 2).clamp(min=0), scale.repeat(2))
     classes = torch.randint(0, nc, (batch, per_image, 1), generator=g).float()
     return torch.cat([classes, boxes], 2)
+
+
+@dataclass
+class ProbeStep:
+    """Forward, loss and backward on random images with random boxes, as a training step does them (channels-last
+    on a GPU, float16 autocast when ``amp``); weights, BatchNorm statistics and gradients are left exactly as they
+    were."""
+
+    model: nn.Module
+    criterion: Callable  # DetectionLoss: (maps, targets) -> (loss, items), with its number of classes as .nc
+    device: torch.device
+    amp: bool = False
+
+    def __call__(self, batch: int, h: int, w: int) -> None:
+        model, device = self.model, self.device
+        buffers = [b.detach().clone() for b in model.buffers()]
+        model.train()
+        x = torch.rand(batch, 3, h, w, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = random_targets(batch, h, w, self.criterion.nc).to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=self.amp):
+            maps = model(x)
+        loss, _ = self.criterion([m.float() for m in maps], targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+
+
+def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
+    """Momentum (SGD) or two moments (AdamW) per parameter, which the probe step does not allocate."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    return n * (1 if optimizer == "SGD" else 2)
+
+
+@dataclass
+class BatchFit:
+    """What the probe needs to know of the run besides the step itself. ``batch``: the total asked over all
+    processes, -1 for the largest that fits; ``images``: the training set's size; ``workers``: loader processes
+    per rank; ``reserved``: bytes the step does not allocate but training will (the optimizer's state)."""
+
+    batch: int
+    images: int
+    workers: int
+    reserved: int = 0
+    world_size: int = 1
+    multi_scale: bool = False
+    main: bool = True
+
+    @property
+    def asked(self) -> int | None:
+        return max(1, self.batch // self.world_size) if self.batch > 0 else None
+
+
+def fit_batch(step: Callable[[int, int, int], object], device: torch.device, run: BatchFit,
+              sizes_for: Callable[[int], list[tuple[int, int, int]]]) -> int:
+    """Probe one training step's memory before epoch 1 and return the per-rank batch that fits: the asked
+    one, a smaller one with a warning, or (``batch -1``) the largest with a margin. A batch that cannot
+    fit at all raises ConfigError, before the run has made anything. ``step(batch, h, w)`` runs one step;
+    ``sizes_for(base)`` lists the (h, w, batch) a sampler of base batch ``base`` makes."""
+    asked = run.asked
+    h, w, _ = max(sizes_for(1), key=lambda s: s[0] * s[1])
+    memory = measure_step(lambda b: step(b, h, w), device, (h, w))
+    available = available_bytes(device)
+    if memory is None or available is None:
+        if asked is None:
+            raise ConfigError("batch -1 needs the memory to be measured, which this system does not allow; "
+                              "give --batch N")
+        log.warning("cannot measure memory on this system; keeping batch %d unchecked", run.batch)
+        return asked
+    cuda = device.type == "cuda"
+    workers = 0 if cuda else 2 * run.workers  # CPU: training and validation workers share the RAM
+    budget = int(MEMORY_MARGIN * available) - workers * WORKER_BYTES - run.reserved
+    limit = asked if asked is not None else max(1, run.images // (run.world_size * MIN_STEPS_PER_EPOCH))
+    fitting = largest_batch(memory, budget, sizes_for, limit)
+    if run.world_size > 1:  # every rank runs the same batch: the smallest that fits everywhere
+        t = torch.tensor([fitting], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        fitting = int(t.item())
+    where = "GPU" if cuda else "RAM"
+    if run.main:
+        log.info("memory probe at %dx%d: %.2f GiB + %.3f GiB per image for a training step; %.1f GiB %s "
+                 "available", h, w, memory.fixed / GiB, memory.per_image / GiB, available / GiB, where)
+    if fitting == 0:
+        raise ConfigError(f"one image at {h}x{w} needs about {memory.at(1, h, w) / GiB:.1f} GiB for a training "
+                          f"step but {max(budget, 0) / GiB:.1f} GiB of {where} is usable; lower --imgsz"
+                          + (" or --max-scale" if run.multi_scale else "") + " or --workers")
+    if run.main:
+        _report(run, memory, fitting, budget, limit, (h, w), where)
+    return fitting if asked is None else min(asked, fitting)
+
+
+def _report(run: BatchFit, memory: StepMemory, fitting: int, budget: int, limit: int, size: tuple[int, int],
+            where: str) -> None:
+    """The batch -1 choice, or the warning for an asked batch that does not fit."""
+    h, w = size
+    if run.asked is None:
+        log.info("batch -1: %d per process fits (%.1f GiB of %.1f GiB usable; at most %d, so that an "
+                 "epoch of %d images has %d steps)", fitting, memory.at(fitting, h, w) / GiB, budget / GiB,
+                 limit, run.images, MIN_STEPS_PER_EPOCH)
+    elif fitting < run.asked:
+        log.warning("batch %d needs about %.1f GiB for a training step at %dx%d, more than the %.1f GiB of %s "
+                    "usable: training with batch %d instead (--batch %d to choose; --batch -1 picks the "
+                    "largest)", run.asked * run.world_size, memory.at(run.asked, h, w) / GiB, h, w, budget / GiB,
+                    where, fitting * run.world_size, fitting * run.world_size)

@@ -20,7 +20,12 @@ def class_aware_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Te
     return nms(shifted, scores, iou)
 
 
-def non_max_suppression(output: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+# the one place the NMS defaults live: detect, export --nms and the Python API keep CONF; val scores every box
+# down to VAL_CONF, as COCO mAP wants the whole precision-recall curve
+CONF, VAL_CONF, IOU, MAX_DET = 0.25, 0.001, 0.7, 300
+
+
+def non_max_suppression(output: torch.Tensor, conf: float = CONF, iou: float = IOU, max_det: int = MAX_DET,
                         classes: list[int] | None = None, multi_label: bool = False, agnostic: bool = False,
                         max_candidates: int = 30000) -> list[dict[str, torch.Tensor]]:
     """``output`` is the model's eval output (B, 4 + nc, N) with cx, cy, w, h boxes.

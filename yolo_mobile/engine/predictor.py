@@ -38,20 +38,53 @@ import cv2
 import numpy as np
 import torch
 
-from ..config import IMAGE_SUFFIXES, default_names
+from ..config import IMAGE_SUFFIXES, ConfigError, check_imgsz, flag
+from ..datasets.inference import SourceError
 from ..datasets.labels import read_image, write_image
-from ..datasets.letterbox import LetterboxInfo, letterbox, rect_shape, unletterbox_boxes
+from ..datasets.letterbox import LetterboxInfo, letterbox_batch, rect_shape, unletterbox_boxes
+from ..files import publish, write_text
 from ..resources import usable_cpus
-from .postprocess import non_max_suppression
-from .runtimes import is_ncnn_folder
+from ..runtimes import TorchRuntime
+from .postprocess import CONF, IOU, MAX_DET, non_max_suppression
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectConfig:
+    """``yolo-mobile detect``: its flags are these fields (cli.py builds the parser from them)."""
+
+    weights: str | None = flag(None, "a checkpoint (.pt) or an exported model (.onnx, .tflite, an ncnn folder)",
+                               group="model", required=True)
+    cfg: str | None = flag(None, "a model YAML or built-in name: an untrained model", group="model")
+    source: str = flag("", "image, folder, glob, video, webcam index (0) or stream URL", required=True)
+    imgsz: int | None = flag(None, "inference size (default: the checkpoint's training size, else 640)")
+    conf: float = flag(CONF, "confidence threshold", type="fraction")
+    iou: float = flag(IOU, "NMS IoU threshold", type="fraction")
+    max_det: int = flag(MAX_DET, "detections kept per image or frame", type="positive")
+    classes: list[int] | None = flag(None, "keep only these class indices", nargs="+", type="non_negative")
+    batch: int = flag(1, "frames per forward pass", type="positive")
+    device: str = flag("", "cpu or a GPU index (default: GPU 0 if present)")
+    half: bool = flag(False, "fp16 on CUDA")
+    save_txt: bool = flag(False, "YOLO labels with confidences, one file per image/frame")
+    save_json: bool = flag(False, "all detections in predictions.json")
+    show: bool = flag(False, "show frames in a window")
+    drop_frames: bool | None = flag(
+        None, "process the newest frame, drop stale ones (the default for webcams and streams); on a video file, "
+              "read it at its frame rate as a camera would deliver it",
+        off_flag="--keep-frames", off_help="process every frame, however far behind (the default for files)")
+    project: str = flag("runs/detect", "results go to PROJECT/NAME")
+    name: str = flag("exp", "run name (numbered when it exists)")
+
+    def check(self) -> None:
+        if (self.weights is None) == (self.cfg is None):
+            raise ConfigError("detect needs one of --weights or --cfg")
+        if not str(self.source):
+            raise ConfigError("detect needs --source")
+        if self.imgsz is not None:
+            check_imgsz(self.imgsz, "--imgsz")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".wmv", ".mpeg", ".mpg")
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://")
-
-
-class SourceError(FileNotFoundError):
-    """A source that cannot be read; raised before any work starts."""
 
 
 @dataclass
@@ -134,6 +167,46 @@ class Source:
     fps: float = 30.0
     size: tuple[int, int] = (0, 0)  # video (width, height)
     frames: int = 0  # video frame count as the container says (0 for streams)
+    root: Path | None = None  # images: the folder their outputs' subfolders are taken relative to
+
+
+def _images_of(files: list[Path], where: str) -> list[Path]:
+    """The images among ``files``; videos among them are named in a warning, as a folder is read for images."""
+    videos = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+    if videos:
+        shown = ", ".join(str(v) for v in videos[:3]) + (", ..." if len(videos) > 3 else "")
+        log.warning("%s: %d video(s) left out (%s): a folder or pattern is read for its images; give each video as "
+                    "its own --source", where, len(videos), shown)
+    return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _common_folder(files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(f.parent.absolute()) for f in files]))
+
+
+def output_names(source: Source) -> dict[str, tuple[Path, Path]]:
+    """Image path -> (annotated image, label file), relative to the run folder: the image's path below the
+    source folder (so ``a/img.jpg`` and ``b/img.jpg`` keep a file each) and its label beside under ``labels/``;
+    two images that differ only in suffix (``img.jpg``, ``img.png``) get ``img.jpg.txt`` and ``img.png.txt``."""
+    if source.kind != "images":
+        return {}
+    root = (source.root or _common_folder(source.items)).absolute()
+    relative = {str(p): (p.absolute().relative_to(root) if p.absolute().is_relative_to(root) else Path(p.name))
+                for p in source.items}
+    stems: dict[Path, int] = {}
+    for rel in relative.values():
+        stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
+    names = {}
+    for path, rel in relative.items():
+        label = rel.with_suffix(".txt") if stems[rel.with_suffix("")] == 1 else rel.with_name(rel.name + ".txt")
+        names[path] = (rel, Path("labels") / label)
+    shared = sorted({str(rel.with_suffix("")) for rel in relative.values() if stems[rel.with_suffix("")] > 1})
+    if shared:
+        log.warning("%d image name(s) differ only in their suffix (%s): their label files keep the suffix "
+                    "(<name>.<suffix>.txt) so that none overwrites another", len(shared), ", ".join(shared[:3]))
+    if any(rel.parent != Path() for rel, _ in names.values()):
+        log.info("outputs mirror the subfolders of %s", root)
+    return names
 
 
 def resolve_source(source: str | int | Path) -> Source:
@@ -145,16 +218,15 @@ def resolve_source(source: str | int | Path) -> Source:
         return _open_capture(text, "stream", text)
     path = Path(text).expanduser()
     if any(ch in text for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True))
-        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        images = _images_of(sorted(Path(p) for p in glob.glob(text, recursive=True)), text)
         if not images:
             raise SourceError(f"{text}: the pattern matches no images")
-        return Source("images", images)
+        return Source("images", images, root=_common_folder(images))
     if path.is_dir():
-        images = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        images = _images_of(sorted(path.rglob("*")), str(path))
         if not images:
             raise SourceError(f"{path}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
-        return Source("images", images)
+        return Source("images", images, root=path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -365,159 +437,11 @@ class _Behind:
             self.pool.shutdown(wait=True)
 
 
-# ----------------------------------------------------------------------------------------------------- models
-class TorchBackend:
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", half: bool = False) -> None:
-        self.device = torch.device(device)
-        if half and self.device.type != "cuda":
-            raise ValueError("--half needs a CUDA device")
-        from ..detector import MAX_STRIDE, class_names, inference_copy
-
-        self.model = inference_copy(model, self.device, half)
-        self.dtype = torch.float16 if half else torch.float32
-        self.names = class_names(model)
-        self.batch, self.imgsz, self.nms_inside = None, None, False  # any batch and size (multiples of stride)
-        self.stride = max(MAX_STRIDE, *(int(s) for s in getattr(model, "strides", [])))
-        self.train_imgsz = getattr(model, "train_imgsz", None)  # detect's default size for a checkpoint
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # predict hands over a channels_last batch: this is then a no-op on CPU
-        x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu()
-
-
-class OnnxBackend:
-    """An exported model run by ONNX Runtime; names, size, batch and embedded NMS come from its metadata.
-    ``imgsz`` is set when the file has a fixed height and width (then inputs are letterboxed square)."""
-
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as e:  # onnxruntime's InvalidProtobuf, Fail...: a file problem, not a bug to trace
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: not an ONNX model that ONNX Runtime can load ({reason})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.names = json.loads(meta["names"]) if "names" in meta else None
-        shape = self.session.get_inputs()[0].shape
-        self.batch = shape[0] if isinstance(shape[0], int) else None
-        self.imgsz = onnx_imgsz(meta["imgsz"]) if "imgsz" in meta and meta.get("dynamic") != "true" else None
-        if self.imgsz is None and isinstance(shape[2], int) and shape[2] == shape[3]:  # a file without metadata
-            self.imgsz = shape[2]
-        self.stride = int(meta.get("stride", 32))
-        self.nms_inside = meta.get("nms") == "true"
-        self.input_name = self.session.get_inputs()[0].name
-        self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
-        if self.names is None:
-            n = self.session.get_outputs()[0].shape[1]
-            self.names = default_names(n - 4) if isinstance(n, int) else []
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.numpy(), dtype=self.dtype)})
-        if self.nms_inside:
-            return torch.from_numpy(outputs[0]).float(), torch.from_numpy(outputs[1])
-        return torch.from_numpy(outputs[0]).float()
-
-
-def onnx_imgsz(value: str) -> int:
-    """The square input size in an export's metadata: "[640, 640]" (ultralytics' layout, ours since it was read by
-    their tools), or "640" as earlier exports wrote it."""
-    size = json.loads(value)
-    return int(size[0] if isinstance(size, list) else size)
-
-
-class TfliteBackend:
-    """A .tflite file run by the LiteRT interpreter (XNNPACK): batch 1, the size it was exported at; names and
-    size from its metadata. One interpreter is not thread-safe: predict runs it one batch at a time."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from .runtimes import require_tflite, tflite_interpreter, tflite_metadata
-
-        require_tflite()
-        self.runner = tflite_interpreter(path, threads)
-        meta = tflite_metadata(path)
-        _, _, h, w = self.runner.get_input_details()[0]["shape"]
-        outputs = int(self.runner.get_output_details()[0]["shape"][1])
-        self.names = meta.get("names") or default_names(outputs - 4)
-        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(h), int(meta.get("stride", 32)), False
-        if h != w:
-            raise ValueError(f"{path}: input {h}x{w} is not square; yolo-mobile exports square inputs")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .runtimes import tflite_run
-
-        return torch.from_numpy(tflite_run(self.runner, x.numpy()))
-
-
-class NcnnBackend:
-    """An ncnn export folder (model.ncnn.param, model.ncnn.bin, metadata.json) run by ncnn, one image at a time
-    at the size it was exported at; float16 storage only for a float16 export."""
-
-    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
-        from .runtimes import NCNN_METADATA, ncnn_metadata, ncnn_net, require_ncnn
-
-        require_ncnn()
-        meta = ncnn_metadata(folder)
-        if "imgsz" not in meta:
-            raise ValueError(f"{folder}: no {NCNN_METADATA} (written by yolo-mobile export --format ncnn); "
-                             "the input size is not known")
-        self.net = ncnn_net(folder, threads)
-        self.names = meta["names"]
-        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(meta["imgsz"]), int(meta["stride"]), False
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .runtimes import ncnn_run
-
-        return torch.from_numpy(ncnn_run(self.net, x.numpy()))
-
-
-def exported_format(weights: str | Path | None) -> str | None:
-    """'onnx', 'tflite' or 'ncnn' for an exported model (a .onnx or .tflite file, an ncnn export folder), else
-    None (a checkpoint, or nothing)."""
-    if weights is None:
-        return None
-    text = str(weights).rstrip("/")
-    if text.endswith(".onnx"):
-        return "onnx"
-    if text.endswith(".tflite"):
-        return "tflite"
-    if text.endswith("_ncnn") or is_ncnn_folder(text):
-        return "ncnn"
-    return None
-
-
 def check_classes(classes: list[int] | None, names: list[str]) -> None:
     """``classes`` (a filter on class indices) must name classes the model has."""
     wrong = [c for c in classes or [] if not 0 <= c < len(names)]
     if wrong and names:
         raise ValueError(f"classes {wrong} outside 0..{len(names) - 1} (the model has {len(names)} classes)")
-
-
-def load_backend(weights: str | Path | None = None, cfg: str | None = None, device: torch.device | str = "cpu",
-                 half: bool = False):
-    """A ``.pt`` checkpoint or a model YAML (PyTorch), an ``.onnx`` file (ONNX Runtime), a ``.tflite`` file
-    (LiteRT) or an ncnn export folder (ncnn)."""
-    kind = exported_format(weights)
-    if kind == "ncnn":
-        if not is_ncnn_folder(weights):
-            raise SourceError(f"{weights}: no ncnn export folder (with model.ncnn.param) there")
-        return NcnnBackend(weights)
-    if kind is not None:
-        if not Path(weights).is_file():
-            raise SourceError(f"{weights}: no such {'ONNX' if kind == 'onnx' else 'TFLite'} file")
-        return OnnxBackend(weights, device) if kind == "onnx" else TfliteBackend(weights)
-    if weights is not None:
-        from .checkpoint import load_model
-
-        return TorchBackend(load_model(weights), device, half)
-    from ..detector import build_model
-
-    return TorchBackend(build_model(cfg), device, half)
 
 
 # -------------------------------------------------------------------------------------------------- predicting
@@ -529,18 +453,6 @@ def input_shape(shapes: Iterable[tuple[int, int]], imgsz: int, stride: int = 32,
         return imgsz, imgsz
     hw = [rect_shape(s, imgsz, stride) for s in shapes]
     return max(h for h, _ in hw), max(w for _, w in hw)
-
-
-def _prepare(frames: list[Frame], shape: tuple[int, int]) -> tuple[torch.Tensor, list[LetterboxInfo]]:
-    """Letterbox each frame to ``shape``; a float (B, 3, H, W) RGB batch in 0-1, channels_last in memory. NumPy
-    and OpenCV only: on a worker thread, a torch op would start a second OpenMP team competing with the model's."""
-    boxed, infos = [], []
-    for image, _, _, bgr in frames:
-        b, info = letterbox(image, shape)
-        boxed.append(cv2.cvtColor(b, cv2.COLOR_BGR2RGB) if bgr else b)  # on the small letterboxed image
-        infos.append(info)
-    x = np.divide(boxed[0][None] if len(boxed) == 1 else np.stack(boxed), np.float32(255), dtype=np.float32)
-    return torch.from_numpy(x).permute(0, 3, 1, 2), infos  # (B, H, W, 3) in memory: channels_last
 
 
 def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
@@ -555,8 +467,8 @@ def _batches(frames: Iterator[Frame], batch: int) -> Iterator[list[Frame]]:
         yield pending
 
 
-def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0.25, iou: float = 0.7,
-            max_det: int = 300, classes: list[int] | None = None, batch: int = 1,
+def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = CONF, iou: float = IOU,
+            max_det: int = MAX_DET, classes: list[int] | None = None, batch: int = 1,
             stats: dict[str, Any] | None = None, resolved: Source | None = None, rect: bool = True,
             prefetch: int = 1, workers: int = 1, drop_frames: bool | None = None) -> Iterator[Result]:
     """Yield one Result per image or frame, in order. ``stats`` (if given) collects counts and per-stage seconds
@@ -565,7 +477,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
     ``rect``: letterbox to the smallest stride multiple holding each frame at ``imgsz`` (a fixed-size ONNX model
     always gets its square). ``prefetch``: batches read and letterboxed ahead on a worker thread (0: inline).
     ``workers``: for a video or stream (every batch the same shape), batches run through ``backend`` (and NMS) on
-    this many threads at once; the backend must be thread-safe (``TorchBackend`` and ``OnnxBackend`` are), and
+    this many threads at once; the backend must be thread-safe (``TorchRuntime`` and ``OnnxRuntime`` are), and
     workers x torch threads should not exceed the CPUs (``detect`` sets both). Images run one batch at a time.
     ``drop_frames``: process the newest frame and drop stale ones (default: for webcams and streams, not files;
     see ``live_drops``); ``stats`` then counts frames read, processed ("frames") and dropped.
@@ -578,9 +490,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
     stats["drop_frames"] = drop
     if drop:
         prefetch = 0  # a batch letterboxed ahead would wait for the model and grow stale
-    size = backend.imgsz or imgsz
-    if size % 32:
-        raise ValueError(f"imgsz must be a multiple of 32, got {size}")
+    size = check_imgsz(backend.imgsz or imgsz)
     check_classes(classes, backend.names)
     stride = int(getattr(backend, "stride", 32))
     square = not rect or backend.imgsz is not None
@@ -595,7 +505,7 @@ def predict(backend, source: str | int | Path, imgsz: int = 640, conf: float = 0
             for items in batches:
                 t0 = time.perf_counter()
                 shape = input_shape((img.shape[:2] for img, *_ in items), size, stride, rect=not square)
-                x, infos = _prepare(items, shape)
+                x, infos = letterbox_batch([f[0] for f in items], shape, [f[3] for f in items])
                 yield items, x, infos, time.perf_counter() - t0
 
     def infer(items: list[Frame], x: torch.Tensor, infos: list[LetterboxInfo], pre_s: float):
@@ -666,7 +576,7 @@ def detect_parallelism(backend, source: Source) -> tuple[int, int | None]:
     are 10x slower when another process keeps a core busy (each of the hundreds of parallel regions waits for a
     descheduled thread), while 1-thread workers just share it. Anything else (images, CUDA, ONNX Runtime, a
     wrapped backend whose thread-safety is unknown) runs one batch at a time with torch's threads as they are."""
-    if source.kind == "images" or type(backend) is not TorchBackend or backend.device.type != "cpu":
+    if source.kind == "images" or type(backend) is not TorchRuntime or backend.device.type != "cpu":
         return 1, None
     cpus = usable_cpus()
     workers = 2 if cpus >= 2 else 1
@@ -687,23 +597,27 @@ def torch_threads(n: int | None):
 
 
 def _draw_and_save(r: Result, writer_args: tuple, state: dict, save_dir: Path, save: bool, show: bool,
-                   images: bool) -> None:
+                   output: Path | None) -> None:
     canvas = r.plot()
-    if save and images:
-        write_image(save_dir / Path(r.path).name, canvas)
+    if save and output is not None:
+        (save_dir / output).parent.mkdir(parents=True, exist_ok=True)
+        write_image(save_dir / output, canvas)
     elif save:
         if state.get("writer") is None:
             h, w = canvas.shape[:2]
             path, fps = writer_args
-            state["writer"] = cv2.VideoWriter(opencv_safe(str(path)), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            # written under a temporary name (the suffix tells OpenCV the container) and renamed once closed
+            path = Path(opencv_safe(str(path)))  # OpenCV writes the name with bytes that are not UTF-8 as U+FFFD
+            state["video"] = (path.with_name(f".{path.stem}.partial{path.suffix}"), path)
+            state["writer"] = cv2.VideoWriter(str(state["video"][0]), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
         state["writer"].write(canvas)
     if show:
         cv2.imshow("yolo-mobile", canvas)
         cv2.waitKey(1)
 
 
-def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, conf: float = 0.25,
-           iou: float = 0.7, max_det: int = 300, classes: list[int] | None = None, batch: int = 1,
+def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, conf: float = CONF,
+           iou: float = IOU, max_det: int = MAX_DET, classes: list[int] | None = None, batch: int = 1,
            save: bool = True, save_txt: bool = False, save_json: bool = False, show: bool = False,
            progress: bool = True, rect: bool = True, threads: int | None = None, workers: int | None = None,
            overlap: bool = True, drop_frames: bool | None = None) -> dict[str, Any]:
@@ -729,9 +643,12 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
     bar = tqdm(total=total, unit="frame", desc="detect", disable=not progress, dynamic_ncols=True)
     timed = {"draw": 0.0, "labels": 0.0}  # seconds on the drawing thread, and on this one
 
+    outputs = output_names(src)
+
     def draw(r: Result, stem: str) -> None:
         t0 = time.perf_counter()
-        _draw_and_save(r, (save_dir / f"{stem}.mp4", src.fps), state, save_dir, save, show, src.kind == "images")
+        output = outputs[r.path][0] if src.kind == "images" else None
+        _draw_and_save(r, (save_dir / f"{stem}.mp4", src.fps), state, save_dir, save, show, output)
         timed["draw"] += time.perf_counter() - t0
 
     behind = _Behind(1 if overlap and not show else 0)
@@ -746,14 +663,13 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
                              rect=rect, prefetch=1 if overlap else 0, workers=workers or 1,
                              drop_frames=drop_frames):
                 stem = Path(r.path).stem if src.kind != "stream" else "stream"
-                name = stem if r.frame is None else f"{stem}_{r.frame}"
                 if save or show:
                     behind.submit(draw, r, stem)
                 t0 = time.perf_counter()
                 if save_txt:
-                    (save_dir / "labels").mkdir(exist_ok=True)
-                    (save_dir / "labels" / f"{name}.txt").write_text("\n".join(r.yolo_lines())
-                                                                     + ("\n" if len(r) else ""))
+                    label = outputs[r.path][1] if r.frame is None else Path("labels") / f"{stem}_{r.frame}.txt"
+                    (save_dir / label).parent.mkdir(parents=True, exist_ok=True)
+                    write_text(save_dir / label, "\n".join(r.yolo_lines()) + ("\n" if len(r) else ""))
                 if save_json:
                     records += [{"image": r.path, "frame": r.frame, "class": int(c), "name": r.names[int(c)],
                                  "score": round(float(s), 5), "box_xyxy": [round(v, 2) for v in b]}
@@ -771,11 +687,12 @@ def detect(backend, source: str | int | Path, save_dir: Path, imgsz: int = 640, 
             finally:
                 bar.close()
                 if state["writer"] is not None:
-                    state["writer"].release()
+                    state["writer"].release()  # a stop part-way keeps the frames so far, as a playable file
+                    publish(*state["video"])
                 if show:
                     cv2.destroyAllWindows()
     if save_json:
-        (save_dir / "predictions.json").write_text(json.dumps(records))
+        write_text(save_dir / "predictions.json", json.dumps(records))
     if not stats.get("frames") and not interrupted:
         log.warning("%s: no %s could be read, so nothing was saved", source,
                     "image" if src.kind == "images" else "frame")

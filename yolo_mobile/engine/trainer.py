@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -29,30 +30,24 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import _ultralytics
-from ..config import ConfigError, load_data_config, load_model_config
+from ..config import ConfigError, DataConfig, ModelConfig, check_imgsz, flag, load_data_config, load_model_config
 from ..datasets.detection import AugmentConfig, DetectionDataset, collate_detection, load_split, seed_worker
 from ..datasets.plots import plot_batch
 from ..datasets.sampler import MultiScaleBatchSampler
 from ..datasets.synthetic import resolve_data
 from ..detector import Detector, build_model, pretrained_weights
+from ..files import check_writable, claim_run_dir, write_text, write_with
 from ..loss import DetectionLoss
-from ..resources import GiB, available_bytes, resident_bytes
+from ..resources import GiB, resident_bytes
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
-from .device import next_run_dir, select_device
+from .device import select_device
 from .evaluator import COCOEvaluator
-from .memory import WORKER_BYTES, default_workers, largest_batch, measure_step, random_targets
+from .memory import BatchFit, ProbeStep, default_workers, fit_batch, optimizer_state_bytes
+from .step_guard import StepGuard, TrainingDiverged, nonfinite_tensors
 from .validate import validate
 
 log = logging.getLogger(__name__)
-MEMORY_MARGIN = 0.8  # a training step may use this share of the memory available when it starts
-# --batch -1 keeps at least this many steps an epoch: on a small set (coco128) the batch that fits in memory is the
-# whole set, one step an epoch
-MIN_STEPS_PER_EPOCH = 8
 
-
-def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A field that is also a ``yolo-mobile train`` flag: the CLI reads its type, default and help from here."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
@@ -131,8 +126,8 @@ class TrainConfig:
 
     def check(self) -> None:
         self._check_numbers()
-        if self.imgsz is not None and (self.imgsz < 32 or self.imgsz % 32):
-            raise ConfigError(f"imgsz must be a positive multiple of 32, got {self.imgsz}")
+        if self.imgsz is not None:
+            check_imgsz(self.imgsz)
         if self.optimizer not in ("SGD", "AdamW"):
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; valid: SGD, AdamW")
         if self.schedule not in ("linear", "cosine"):
@@ -210,7 +205,7 @@ def _lr_lambda(schedule: str, epochs: int, lrf: float):
     return lambda e: max(1 - e / epochs, 0) * (1.0 - lrf) + lrf
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weights with decay; norm weights and all biases without (decay on them only hurts)."""
     decay, no_decay, biases = [], [], []
     for module in model.modules():
@@ -227,6 +222,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
             {"params": biases, "weight_decay": 0.0}]
 
 
+
+
 def fitness(metrics: dict[str, Any], loss: float) -> float:
     """What best.pt keeps the best of: 0.1 mAP50 + 0.9 mAP50-95; while both are 0 (or there is no validation),
     minus the training loss, so an untrained-looking later epoch still beats an equally bad earlier one."""
@@ -236,11 +233,6 @@ def fitness(metrics: dict[str, Any], loss: float) -> float:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says where it stopped and how to resume."""
-
-
-class TrainingDiverged(ConfigError):
-    """Training stopped because its numbers stopped being numbers (too many skipped steps, non-finite weights):
-    a setting to change, not a bug, so the CLI prints one line."""
 
 
 # what a resumed run may change; everything else is the run's own, as its checkpoint stored it
@@ -257,36 +249,6 @@ def resume_config(saved: dict[str, Any], changes: dict[str, Any], source: str | 
     return TrainConfig.from_kwargs(**{**saved, **kept})
 
 
-class LossWatch:
-    """Warns when the loss leaves its running range by orders of magnitude (a learning rate far too high shows
-    as a loss that explodes long before it turns into NaN)."""
-
-    def __init__(self, factor: float = 100.0, settle: int = 10) -> None:
-        self.level: float | None = None  # running mean of log10(loss)
-        self.factor, self.settle, self.seen = math.log10(factor), settle, 0
-
-    def update(self, loss: float) -> float | None:
-        """Feed one finite loss; returns the running level it jumped above (as a loss), else None."""
-        x = math.log10(max(loss, 1e-12))
-        jumped = self.level if self.level is not None and self.seen >= self.settle \
-            and x > self.level + self.factor else None
-        self.level = x if self.level is None else 0.9 * self.level + 0.1 * x
-        self.seen += 1
-        return 10 ** jumped if jumped is not None else None
-
-
-def nonfinite_tensors(state: dict[str, Any], prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) state dict that hold a NaN or an infinity."""
-    bad = []
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                bad.append(f"{prefix}{k}")
-        elif isinstance(v, dict):
-            bad += nonfinite_tensors(v, f"{prefix}{k}.")
-    return bad
-
-
 class Trainer:
     def __init__(self, config: TrainConfig | None = None, resume: str | Path | None = None,
                  changes: dict[str, Any] | None = None) -> None:
@@ -301,9 +263,13 @@ class Trainer:
             if changes is None:
                 changes = {k: getattr(config, k) for k in RESUMABLE} if config is not None else {}
             config = resume_config(saved, changes, resume)
+            if int(self.checkpoint["epoch"]) + 1 >= config.epochs:  # said before any data is read
+                raise ConfigError(f"{resume}: training already finished ({config.epochs} epochs); give --epochs "
+                                  "with a larger number to train on")
         if config is None:
             raise ConfigError("Trainer needs a TrainConfig or a checkpoint to resume")
         self.config = config
+        self.resume_dir = self._resume_dir() if self.checkpoint is not None else None
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -359,13 +325,60 @@ class Trainer:
         return f"{where}, before the first checkpoint: nothing was saved"
 
     def _remove_unsaved_run(self) -> None:
-        """A new run's folder goes when it holds no checkpoint (a stop before epoch 1 ended, or an error)."""
-        if self.main and self.save_dir is not None and self.checkpoint is None and self.save_dir.is_dir() \
+        """A run folder this run made goes when it holds no checkpoint (a stop before epoch 1 ended, or an
+        error)."""
+        if self.main and self.save_dir is not None and self.save_dir != self.resume_dir and self.save_dir.is_dir() \
                 and not any((self.save_dir / "weights").glob("*.pt")):
             shutil.rmtree(self.save_dir, ignore_errors=True)
 
+    def _resume_dir(self) -> Path | None:
+        """The run folder a resumed checkpoint belongs to: ``<run>/weights/<file>.pt`` with ``<run>/args.yaml``.
+        None for a checkpoint anywhere else (a download, a copy): its grandparent is nobody's run, and the
+        resumed run gets a new folder instead. Refuses a ``best.pt`` behind its run's ``last.pt``: resuming it
+        would overwrite the later epochs."""
+        path = self.resume_from.resolve()
+        run = path.parent.parent
+        if path.parent.name != "weights" or not (run / "args.yaml").is_file():
+            return None
+        last = path.parent / "last.pt"
+        if path != last and last.is_file():
+            last_epoch = load_checkpoint(last).get("epoch")
+            if last_epoch is not None and int(last_epoch) > int(self.checkpoint["epoch"]):
+                raise ConfigError(
+                    f"{self.resume_from}: epoch {int(self.checkpoint['epoch']) + 1} of a run whose last.pt is at epoch "
+                    f"{int(last_epoch) + 1}; resuming it would overwrite last.pt with a rewound run. Resume {last}, "
+                    f"or copy {path.name} out of {path.parent} to start a new run folder from it")
+        return run
+
+    def _check_outputs(self) -> None:
+        """A run folder that cannot be written is said before any data is read or memory probed."""
+        c = self.config
+        check_writable(self.resume_dir if self.resume_dir is not None else Path(c.project))
+
     # ------------------------------------------------------------------------------------------ before_train
     def before_train(self) -> None:
+        """Everything before epoch 1, in the order of its side effects: an unwritable run folder is said before
+        any data is read; the data is scanned before the memory probe; the run folder is claimed only after the
+        probe, so a run that cannot fit leaves no folder."""
+        if self.main:
+            self._check_outputs()
+        self._setup_device()
+        self._seed(self.config.seed + self.rank)
+        model_config, weights = self._model_definition()
+        data = self._load_data()
+        self._build_model(model_config, data, weights)
+        self._fit_batch()
+        self._build_optimizer()
+        self._start_state()
+        self._build_loader()
+        self.guard = StepGuard(self.model_unwrapped, self.device, self.config.max_skipped_steps, self.lr0, self.main)
+        if self.main:
+            self._open_run_folder()
+        self.t0 = time.time()
+        self.run_train_seconds, self.run_train_images, self.val_seconds = 0.0, 0, None
+
+    def _setup_device(self) -> None:
+        """This process's device; under torchrun, the process group too."""
         c = self.config
         if self.world_size > 1:
             cuda = c.device not in ("cpu",) and torch.cuda.is_available()
@@ -376,7 +389,10 @@ class Trainer:
         else:
             self.device = select_device(c.device)
         self.cuda = self.device.type == "cuda"
-        self._seed(c.seed + self.rank)
+
+    def _model_definition(self) -> tuple[ModelConfig, str | None]:
+        """The network to build and its backbone weights, checked before any data is read."""
+        c = self.config
         # a resumed run takes every weight from its checkpoint; a new one checks its backbone weights first
         # a resumed run rebuilds the network it trained, from the resolved definition in its checkpoint: an
         # edited YAML must not change it silently
@@ -385,21 +401,40 @@ class Trainer:
         if weights is None and self.checkpoint is None and c.frozen_epochs() and self.main:
             log.warning("--freeze %s with no pretrained backbone weights (--pretrained FILE, or the YAML's "
                         "backbone.pretrained): the backbone is held at its random initialisation", c.freeze)
+        return model_config, weights
 
-        self.data_yaml = resolve_data(c.data).resolve() if self.main else None
+    def _load_data(self) -> DataConfig:
+        """Resolve the data YAML, fill the options left to the data (imgsz, epochs, close_mosaic, workers), scan
+        the training split and set up validation."""
+        self.data_yaml = resolve_data(self.config.data).resolve() if self.main else None
         if self.world_size > 1:  # rank 0 builds the synthetic set once; the others wait for its path
             shared = [str(self.data_yaml) if self.data_yaml else None]
             torch.distributed.broadcast_object_list(shared, src=0)
             self.data_yaml = Path(shared[0])
         data = load_data_config(self.data_yaml)
         # stored absolute, so a resume from another folder finds the same data
-        self.config = c = dataclasses.replace(c.resolved(data.defaults, self.world_size), data=str(self.data_yaml))
+        self.config = dataclasses.replace(self.config.resolved(data.defaults, self.world_size),
+                                          data=str(self.data_yaml))
         self.names = data.names
         self.train_samples = load_split(data, "train")
-        # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
-        self.evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False) if (
-            c.val and self.main) else None
+        self.evaluator = self._make_evaluator()
+        return data
 
+    def _make_evaluator(self) -> COCOEvaluator | None:
+        # validation runs on rank 0 alone, so its evaluator must not wait for the other ranks
+        if not (self.config.val and self.main):
+            return None
+        evaluator = COCOEvaluator.from_yolo(self.data_yaml, "val", distributed=False)
+        try:
+            evaluator.check_ground_truth()
+        except ConfigError as e:  # training itself does not need it: go on, and say loudly why no mAP
+            log.warning("%s; training goes on without validation (--no-val says so)", e)
+            return None
+        return evaluator
+
+    def _build_model(self, model_config: ModelConfig, data: DataConfig, weights: str | None) -> None:
+        """The model on its device, its EMA (rank 0), the gradient scaler and the loss."""
+        c = self.config
         model = build_model(model_config, nc=data.nc, pretrained=weights is not None)
         model.names = list(data.names)
         self.model: Detector = model.to(self.device)
@@ -409,15 +444,31 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp and self.cuda)
         self.criterion = DetectionLoss(data.nc, self.model.strides, self.model.head.reg_max, c.box, c.cls, c.dfl)
 
-        scales = (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
-        self.per_rank_batch = self._fit_batch(scales)
-        self.config = c = dataclasses.replace(c, batch=self.per_rank_batch * self.world_size)
+    def _fit_batch(self) -> None:
+        """The memory probe: the per-process batch that fits becomes the run's batch (see memory.fit_batch)."""
+        c = self.config
+        run = BatchFit(batch=c.batch, images=len(self.train_samples), workers=c.workers,
+                       reserved=optimizer_state_bytes(self.model, c.optimizer), world_size=self.world_size,
+                       multi_scale=c.multi_scale, main=self.main)
+        step = ProbeStep(self.model, self.criterion, self.device, amp=self.scaler.is_enabled())
+        self.per_rank_batch = fit_batch(step, self.device, run, self._sampler_sizes)
+        self.config = dataclasses.replace(c, batch=self.per_rank_batch * self.world_size)
 
-        lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
-        self.lr0 = lr0
+    def _scales(self) -> tuple[float, float, int]:
+        c = self.config
+        return (c.min_scale, c.max_scale, c.n_scales) if c.multi_scale else (1.0, 1.0, 1)
+
+    def _sampler_sizes(self, base: int) -> list[tuple[int, int, int]]:
+        """The (h, w, batch) of every size a sampler of base batch ``base`` makes."""
+        return MultiScaleBatchSampler(len(self.train_samples), self.config.imgsz, base, *self._scales(), rank=0,
+                                      world_size=1).sizes
+
+    def _build_optimizer(self) -> None:
+        c = self.config
+        self.lr0 = lr0 = c.lr0 if c.lr0 is not None else (0.01 if c.optimizer == "SGD" else 0.002)
         accumulate = max(round(c.nbs / c.batch), 1)
         weight_decay = c.weight_decay * c.batch * accumulate / c.nbs  # decay per image seen stays constant
-        groups = _param_groups(self.model, weight_decay)
+        groups = param_groups(self.model, weight_decay)
         if c.optimizer == "SGD":
             self.optimizer = torch.optim.SGD(groups, lr=lr0, momentum=c.momentum, nesterov=True)
         else:
@@ -427,123 +478,49 @@ class Trainer:
         self.lf = _lr_lambda(c.schedule, c.epochs, c.lrf)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
 
+    def _start_state(self) -> None:
+        """Where the run starts (epoch 1, or the checkpoint's state), the backbone held or not, then DDP."""
+        c = self.config
         self.start_epoch, self.best_fitness, self.history = 0, -math.inf, []
         # warm-up is counted in images from the start of the run and fixed here: under --multi-scale the number
         # of batches changes every epoch, images do not (YOLOv8's rule: warmup_epochs, at least 100 batches)
         self.warmup_images = max(round(c.warmup_epochs * len(self.train_samples)), 100 * c.batch) \
             if c.warmup_epochs > 0 else 0
         self.images_done, self.optimizer_steps = 0, 0
-        self.consecutive_skips, self.loss_watch = 0, LossWatch()
-        self.skipped_steps, self.amp_overflows = 0, 0  # per epoch, in results.csv
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
         self.backbone_frozen = False
         self._freeze_backbone(self.start_epoch)  # before DDP wraps the model: it reduces what needs a gradient
         if self.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.local_rank] if self.cuda else None)
+            self.model = self._ddp()
 
-        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *scales,
+    def _ddp(self) -> nn.parallel.DistributedDataParallel:
+        return nn.parallel.DistributedDataParallel(self.model_unwrapped,
+                                                   device_ids=[self.local_rank] if self.cuda else None)
+
+    def _build_loader(self) -> None:
+        c = self.config
+        self.sampler = MultiScaleBatchSampler(len(self.train_samples), c.imgsz, self.per_rank_batch, *self._scales(),
                                               seed=c.seed, rank=self.rank, world_size=self.world_size)
         self.dataset = DetectionDataset(self.train_samples, c.imgsz, augment=True, hyp=c.augment, cache=c.cache,
                                         max_size=max(max(h, w) for h, w, _ in self.sampler.sizes))
         self.loader = self._make_loader()
-        # every buffer (BatchNorm statistics) as it was at the start of an optimizer step's batches: a skipped
-        # step puts them back, as the train-mode forward changed them before the loss was known
-        self._buffers = list(self.model_unwrapped.buffers())
-        self._buffers_before = [b.detach().clone() for b in self._buffers]
-        self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
 
-        if self.main:
-            if self.checkpoint is not None:
-                self.save_dir = self.resume_from.resolve().parent.parent
-            else:
-                self.save_dir = next_run_dir(c.project, c.name)
-            (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
-            resolved = {**dataclasses.asdict(c), "data": str(self.data_yaml), "lr0": lr0,
-                        "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
-            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            n_params = sum(p.numel() for p in self.model.parameters())
-            log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, %d workers, "
-                     "device %s", c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
-                     [s[:3] for s in self.sampler.sizes], c.workers, self.device)
-        self.t0 = time.time()
-        self.run_train_seconds, self.run_train_images, self.val_seconds = 0.0, 0, None
-
-    def _fit_batch(self, scales: tuple[float, float, int]) -> int:
-        """Probe one training step's memory before epoch 1 and return the per-rank batch that fits: the asked
-        one, a smaller one with a warning, or (``batch -1``) the largest with a margin. A batch that cannot
-        fit at all stops the run here, before any folder is made."""
+    def _open_run_folder(self) -> None:
+        """Claim the run folder (a resumed run keeps its own) and write the resolved configuration to it."""
         c = self.config
-        asked = max(1, c.batch // self.world_size) if c.batch > 0 else None
-
-        def sizes_for(base: int) -> list[tuple[int, int, int]]:
-            return MultiScaleBatchSampler(len(self.train_samples), c.imgsz, base, *scales, rank=0,
-                                          world_size=1).sizes
-
-        h, w, _ = max(sizes_for(1), key=lambda s: s[0] * s[1])
-        memory = measure_step(lambda b: self._probe_step(b, h, w), self.device, (h, w))
-        available = available_bytes(self.device)
-        if memory is None or available is None:
-            if asked is None:
-                raise ConfigError("batch -1 needs the memory to be measured, which this system does not allow; "
-                                  "give --batch N")
-            log.warning("cannot measure memory on this system; keeping batch %d unchecked", c.batch)
-            return asked
-        workers = 0 if self.cuda else 2 * c.workers  # CPU: training and validation workers share the RAM
-        budget = int(MEMORY_MARGIN * available) - workers * WORKER_BYTES - self._optimizer_state_bytes()
-        per_epoch = len(self.train_samples) // (self.world_size * MIN_STEPS_PER_EPOCH)
-        limit = asked if asked is not None else max(1, per_epoch)
-        fitting = largest_batch(memory, budget, sizes_for, limit)
-        if self.world_size > 1:  # every rank runs the same batch: the smallest that fits everywhere
-            t = torch.tensor([fitting], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            fitting = int(t.item())
-        where = "GPU" if self.cuda else "RAM"
-        need = memory.at(asked or 1, h, w)
-        if self.main:
-            log.info("memory probe at %dx%d: %.2f GiB + %.3f GiB per image for a training step; %.1f GiB %s "
-                     "available", h, w, memory.fixed / GiB, memory.per_image / GiB, available / GiB, where)
-        if fitting == 0:
-            raise ConfigError(f"one image at {h}x{w} needs about {memory.at(1, h, w) / GiB:.1f} GiB for a training "
-                              f"step but {max(budget, 0) / GiB:.1f} GiB of {where} is usable; lower --imgsz"
-                              + (" or --max-scale" if c.multi_scale else "") + " or --workers")
-        if asked is None:
-            if self.main:
-                log.info("batch -1: %d per process fits (%.1f GiB of %.1f GiB usable; at most %d, so that an "
-                         "epoch of %d images has %d steps)", fitting, memory.at(fitting, h, w) / GiB, budget / GiB,
-                         limit, len(self.train_samples), MIN_STEPS_PER_EPOCH)
-            return fitting
-        if fitting < asked and self.main:
-            log.warning("batch %d needs about %.1f GiB for a training step at %dx%d, more than the %.1f GiB of %s "
-                        "usable: training with batch %d instead (--batch %d to choose; --batch -1 picks the "
-                        "largest)", asked * self.world_size, need / GiB, h, w, budget / GiB, where,
-                        fitting * self.world_size, fitting * self.world_size)
-        return min(asked, fitting)
-
-    def _probe_step(self, batch: int, h: int, w: int) -> None:
-        """Forward, loss and backward on random images with random boxes; weights, BatchNorm statistics and
-        gradients are left exactly as they were."""
-        model = self.model
-        buffers = [b.detach().clone() for b in model.buffers()]
-        model.train()
-        x = torch.rand(batch, 3, h, w, device=self.device)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        targets = random_targets(batch, h, w, self.criterion.nc).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
-            maps = model(x)
-        loss, _ = self.criterion([m.float() for m in maps], targets)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers, strict=True):
-                b.copy_(saved)
-
-    def _optimizer_state_bytes(self) -> int:
-        """Momentum (SGD) or two moments (AdamW) per parameter, which the probe step does not allocate."""
-        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return n * (1 if self.config.optimizer == "SGD" else 2)
+        self.save_dir = self.resume_dir or claim_run_dir(c.project, c.name)
+        if self.checkpoint is not None and self.resume_dir is None:
+            log.warning("%s is not in the weights/ folder of a run (no args.yaml beside that folder): the resumed "
+                        "run continues in a new run folder, %s", self.resume_from, self.save_dir)
+        (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
+        resolved = {**dataclasses.asdict(c), "data": str(self.data_yaml), "lr0": self.lr0,
+                    "model": self.model_unwrapped.config.to_dict(), "world_size": self.world_size}
+        write_text(self.save_dir / "args.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("training %s (%.2fM params) on %s: %d images, %d epochs, batch %d, sizes %s, %d workers, "
+                 "device %s", c.cfg, n_params / 1e6, self.data_yaml, len(self.train_samples), c.epochs, c.batch,
+                 [s[:3] for s in self.sampler.sizes], c.workers, self.device)
 
     def _make_loader(self) -> DataLoader:
         c = self.config
@@ -579,8 +556,6 @@ class Trainer:
         self.warmup_images = int(ckpt.get("warmup_images", self.warmup_images))
         self.best_fitness = float(ckpt.get("best_fitness", -math.inf))
         self.history = list(ckpt.get("history") or [])
-        if self.start_epoch >= self.config.epochs:
-            raise ConfigError(f"{self.resume_from}: training already finished ({self.config.epochs} epochs)")
         if self.main:
             log.info("resuming %s at epoch %d", self.resume_from, self.start_epoch + 1)
 
@@ -620,8 +595,7 @@ class Trainer:
                 log.info("backbone frozen (weights and BatchNorm statistics held) until the end of epoch %d "
                          "(--freeze %s)", self.config.frozen_epochs(), self.config.freeze)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model_unwrapped, device_ids=[self.local_rank] if self.cuda else None)
+            self.model = self._ddp()
 
     def _hold_ema_backbone(self) -> None:
         """The EMA's backbone equal to the frozen one, bit for bit (an average of equal numbers may round)."""
@@ -635,9 +609,8 @@ class Trainer:
         c = self.config
         nb = len(self.sampler)
         mean_loss = torch.zeros(3, device=self.device)
-        self.window_loss = torch.zeros((), device=self.device)  # loss summed over an optimizer step's batches
-        images_since_step, self.images_seen, self.skipped_steps, self.amp_overflows = 0, 0, 0, 0
-        self.loss_warned = False
+        self.guard.new_epoch()
+        images_since_step, self.images_seen = 0, 0
         start = time.time()
         bar = tqdm(self.loader, total=nb, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.main,
                    unit="batch", leave=True, dynamic_ncols=True)
@@ -649,39 +622,48 @@ class Trainer:
             if self.main and epoch == 0 and i < c.plot_batches:
                 plot_batch(images, targets, self.names, self.save_dir / f"train_batch{i}.jpg")
             if images_since_step == 0:  # the first batch of an optimizer step: keep the buffers as they are
-                torch._foreach_copy_(self._buffers_before, self._buffers)  # one fused copy, no host sync
-            self.images_done += len(images) * self.world_size
-            if self.images_done - len(images) * self.world_size < self.warmup_images:
-                self._warmup(self.images_done / self.warmup_images, epoch)
-            h, w = images.shape[-2:]
-            x = images.to(self.device, non_blocking=True)
-            if self.cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = x.float() / 255
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
-                maps = self.model(x)
-            loss, items = self.criterion([m.float() for m in maps], targets.to(self.device, non_blocking=True))
-            if self.world_size > 1:
-                loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
-            self.scaler.scale(loss).backward()
-            self.window_loss += loss.detach()
+                self.guard.begin()
+            items = self._train_one_iter(images, targets, epoch)
             mean_loss = (mean_loss * i + items) / (i + 1)
+            h, w = images.shape[-2:]
             images_since_step += self.sampler.batch_size_of(h, w) * self.world_size
             self.images_seen += len(images) * self.world_size
             if images_since_step >= c.nbs or i == nb - 1:
                 self._optimizer_step(epoch, i)
                 images_since_step = 0
             if self.main and (i % every == 0 or i == nb - 1):
-                box, cls, dfl = mean_loss.tolist()
-                mem = f"{(torch.cuda.memory_reserved(self.device) if self.cuda else resident_bytes()) / GiB:.1f}G"
-                bar.set_postfix(box=f"{box:.3f}", cls=f"{cls:.3f}", dfl=f"{dfl:.3f}", size=f"{h}x{w}",
-                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem,
-                                run=self._run_progress(time.time() - start, epoch), refresh=False)
+                self._show_progress(bar, mean_loss, (h, w), time.time() - start, epoch)
         bar.close()
         self.epoch_loss = mean_loss.tolist()
         self.epoch_time = time.time() - start
         self.run_train_seconds += self.epoch_time
         self.run_train_images += self.images_seen
+
+    def _train_one_iter(self, images: torch.Tensor, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Warm-up, forward, loss and backward of one batch (the optimizer steps apart); returns the loss items."""
+        self.images_done += len(images) * self.world_size
+        if self.images_done - len(images) * self.world_size < self.warmup_images:
+            self._warmup(self.images_done / self.warmup_images, epoch)
+        x = images.to(self.device, non_blocking=True)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.float() / 255
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.scaler.is_enabled()):
+            maps = self.model(x)
+        loss, items = self.criterion([m.float() for m in maps], targets.to(self.device, non_blocking=True))
+        if self.world_size > 1:
+            loss = loss * self.world_size  # DDP averages gradients over ranks; keep the per-image scale
+        self.scaler.scale(loss).backward()
+        self.guard.add(loss)
+        return items
+
+    def _show_progress(self, bar: tqdm, mean_loss: torch.Tensor, size: tuple[int, int], epoch_seconds: float,
+                       epoch: int) -> None:
+        box, cls, dfl = mean_loss.tolist()
+        mem = f"{(torch.cuda.memory_reserved(self.device) if self.cuda else resident_bytes()) / GiB:.1f}G"
+        bar.set_postfix(box=f"{box:.3f}", cls=f"{cls:.3f}", dfl=f"{dfl:.3f}", size=f"{size[0]}x{size[1]}",
+                        lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=mem,
+                        run=self._run_progress(epoch_seconds, epoch), refresh=False)
 
     def _run_progress(self, epoch_seconds: float, epoch: int) -> str:
         """'elapsed<remaining' for the whole run: training at the pace seen so far, plus validation at the
@@ -709,83 +691,74 @@ class Trainer:
                 g["momentum"] = c.warmup_momentum + progress * (c.momentum - c.warmup_momentum)
 
     def _optimizer_step(self, epoch: int, i: int) -> None:
-        """Clip, then step only if the loss, the gradients and the buffers are all finite; otherwise put the
-        buffers back as they were, so a skipped step leaves every tensor unchanged."""
+        """Clip, then step only if the loss, the gradients and the buffers are all finite (the guard reads all
+        with one host sync); otherwise the guard puts the buffers back, so a skipped step leaves every tensor
+        unchanged."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = nn.utils.clip_grad_norm_(params, self.config.clip_grad)
-        peak = torch.stack(torch._foreach_norm(self._float_buffers, ord=math.inf)).max() if self._float_buffers \
-            else torch.zeros((), device=self.device)
-        # one host sync per optimizer step for all four
-        grads_ok, buffers_ok, loss_ok, loss = torch.stack(
-            [torch.isfinite(norm).float(), torch.isfinite(peak).float(), torch.isfinite(self.window_loss).float(),
-             self.window_loss.float()]).tolist()
-        self.window_loss.zero_()
-        if grads_ok and buffers_ok and loss_ok:
+        if self.guard.check(norm, self.scaler, epoch, i):
             self.scaler.step(self.optimizer)
             self.optimizer_steps += 1
-            self.consecutive_skips = 0
             if self.ema is not None:
                 self.ema.update(model=self.model_unwrapped)
                 if self.backbone_frozen:
                     self._hold_ema_backbone()
-            level = self.loss_watch.update(loss)
-            if level is not None and not self.loss_warned and self.main:
-                self.loss_warned = True  # once per epoch
-                log.warning("epoch %d batch %d: loss %.3g is over 100x its running level %.3g; the learning rate "
-                            "(lr0 %g) may be too high", epoch + 1, i + 1, loss, level, self.lr0)
-        else:
-            torch._foreach_copy_(self._buffers, self._buffers_before)
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
-            if loss_ok and buffers_ok and scale > 1.0:
-                self.amp_overflows += 1  # routine under AMP: the scaler lowers its scale and the next step goes on
-            else:
-                self.skipped_steps += 1
-                self.consecutive_skips += 1
-                what = "loss" if not loss_ok else "BatchNorm statistics" if not buffers_ok else "gradient"
-                if self.main:
-                    log.warning("epoch %d batch %d: non-finite %s; step skipped, weights and buffers unchanged",
-                                epoch + 1, i + 1, what)
-                if self.consecutive_skips >= self.config.max_skipped_steps:
-                    raise TrainingDiverged(
-                        f"stopped at epoch {epoch + 1} batch {i + 1}: {self.consecutive_skips} optimizer steps in a "
-                        f"row had a non-finite {what}; lower --lr0 (now {self.lr0:g}) or check the data "
-                        f"(max_skipped_steps {self.config.max_skipped_steps})")
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_epoch(self, epoch: int) -> None:
-        c = self.config
         epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]  # what this epoch trained with, for results.csv
         with warnings.catch_warnings():  # an epoch whose steps were all skipped is reported in results.csv instead
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         if self.main:
-            metrics: dict[str, Any] = {}
-            if self.evaluator is not None:
-                t0 = time.time()
-                metrics = validate(self.ema.ema, self.data_yaml, imgsz=c.imgsz, batch=c.val_batch or 2 * c.batch,
-                                   device=self.device, workers=c.workers, evaluator=self.evaluator, progress=True)
-                self.val_seconds = time.time() - t0
-            score = fitness(metrics, sum(self.epoch_loss))
-            row = {"epoch": epoch + 1, "time_s": round(self.epoch_time, 1),
-                   "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
-                   "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
-                   "train/dfl_loss": self.epoch_loss[2],
-                   **{f"lr/pg{j}": lr for j, lr in enumerate(epoch_lrs)},
-                   **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
-                   "fitness": score, "skipped_steps": self.skipped_steps, "amp_overflows": self.amp_overflows}
-            self.history.append(row)
+            metrics = self._validate()
+            row = self._results_row(epoch, epoch_lrs, metrics)
+            self._save_epoch(epoch, row, metrics)
             self._write_results()
-            if score >= self.best_fitness:  # ties go to the later, longer-trained epoch
-                self.best_fitness = score
-                self._save("best.pt", epoch, metrics)
-            self._save("last.pt", epoch, metrics)
             if metrics:
                 log.info("epoch %d: mAP50-95 %.4f mAP50 %.4f, %.1f img/s", epoch + 1, metrics["map"],
                          metrics["map50"], row["images_per_s"])
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def _validate(self) -> dict[str, Any]:
+        """The EMA model's metrics on the val split; none without validation."""
+        if self.evaluator is None:
+            return {}
+        c = self.config
+        t0 = time.time()
+        metrics = validate(self.ema.ema, self.data_yaml, imgsz=c.imgsz, batch=c.val_batch or 2 * c.batch,
+                           device=self.device, workers=c.workers, evaluator=self.evaluator, progress=True)
+        self.val_seconds = time.time() - t0
+        return metrics
+
+    def _results_row(self, epoch: int, lrs: list[float], metrics: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's row of results.csv."""
+        return {"epoch": epoch + 1, "time_s": round(self.epoch_time, 1),
+                "images_per_s": round(self.images_seen / max(self.epoch_time, 1e-9), 1),
+                "train/box_loss": self.epoch_loss[0], "train/cls_loss": self.epoch_loss[1],
+                "train/dfl_loss": self.epoch_loss[2],
+                **{f"lr/pg{j}": lr for j, lr in enumerate(lrs)},
+                **{f"metrics/{k}": metrics.get(k, float("nan")) for k in ("map50", "map", "map75")},
+                "fitness": fitness(metrics, sum(self.epoch_loss)), "skipped_steps": self.guard.skipped_steps,
+                "amp_overflows": self.guard.amp_overflows}
+
+    def _save_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """best.pt when the epoch's fitness is the best so far, then last.pt; the checkpoints carry the history,
+        this row included."""
+        self.history.append(row)
+        best = self.best_fitness
+        try:
+            if row["fitness"] >= self.best_fitness:  # ties go to the later, longer-trained epoch
+                self.best_fitness = row["fitness"]
+                self._save("best.pt", epoch, metrics)
+            self._save("last.pt", epoch, metrics)
+        except BaseException:  # results.csv lists only epochs whose checkpoint is safely written
+            self.history.pop()
+            self.best_fitness = best
+            raise
 
     def _save(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
         """Write a checkpoint, only when every tensor in it is finite."""
@@ -806,11 +779,11 @@ class Trainer:
                                "warmup_images": self.warmup_images})
 
     def _write_results(self) -> None:
-        path = self.save_dir / "results.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.history[-1]), extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows(self.history)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(self.history[-1]), extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text(self.save_dir / "results.csv", table.getvalue())
         plot_results(self.history, self.save_dir / "results.png")
 
     # ----------------------------------------------------------------------------------------- after_train
@@ -823,6 +796,10 @@ class Trainer:
         print(f"\n{self.config.epochs - self.start_epoch} epochs in {hours:.3f} h; "
               f"best mAP50-95 {max((r['metrics/map'] for r in self.history), default=float('nan')):.4f}; "
               f"weights in {self.save_dir / 'weights'}")
+        unreadable = int(self.dataset.unreadable.sum())
+        if unreadable:
+            print(f"{unreadable} training image(s) became unreadable during the run and were skipped (warned once "
+                  "each above)")
         return self.save_dir, final
 
 
@@ -843,7 +820,7 @@ def plot_results(history: list[dict[str, Any]], path: Path) -> None:
         ax.plot(epochs, [r[key] for r in history], marker="o", markersize=3)
         ax.set_title(key)
         ax.set_xlabel("epoch")
-    fig.savefig(path, dpi=100)
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def train(cfg: str = "mobilenetv3_large.yaml", data: str | None = "shapes", resume: str | Path | None = None,

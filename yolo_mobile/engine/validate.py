@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,48 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import load_data_config
+from ..config import ConfigError, check_imgsz, flag, load_data_config
 from ..datasets.inference import LetterboxImages, collate_letterboxed
 from ..datasets.letterbox import unletterbox_boxes
+from ..files import write_text
 from .evaluator import COCOEvaluator
 from .memory import default_workers
-from .postprocess import non_max_suppression
+from .postprocess import IOU, MAX_DET, VAL_CONF, non_max_suppression
 
 log = logging.getLogger(__name__)
+
+MODEL_HELP = {"weights": "a checkpoint (.pt) or an exported model (.onnx, .tflite, an ncnn folder)",
+              "cfg": "a model YAML or built-in name: an untrained model, for pipeline checks"}
+
+
+@dataclass
+class ValConfig:
+    """``yolo-mobile val``: its flags are these fields (cli.py builds the parser from them)."""
+
+    weights: str | None = flag(None, MODEL_HELP["weights"], group="model", required=True)
+    cfg: str | None = flag(None, MODEL_HELP["cfg"], group="model")
+    data: str | None = flag(None, "data YAML (ultralytics format: path, train, val, names), or shapes; default: the "
+                                  "data a --weights checkpoint was trained on")
+    split: str = flag("val", "which split of the data YAML")
+    imgsz: int | None = flag(None, "letterbox size, a multiple of 32 (default: the checkpoint's training size, "
+                                   "else 640)")
+    batch: int = flag(32, "images per forward pass", type="positive")
+    conf: float = flag(VAL_CONF, "confidence threshold before NMS", type="fraction")
+    iou: float = flag(IOU, "NMS IoU threshold", type="fraction")
+    max_det: int = flag(MAX_DET, "detections kept per image", type="positive")
+    device: str = flag("", "cpu, or a GPU index such as 0 (default: GPU 0 if present)")
+    save_json: bool = flag(False, "also write predictions.json (COCO results format)")
+    eval_backend: str = flag("pycocotools", "COCO evaluator: pycocotools, or faster-coco-eval (.[faster])",
+                             choices=("pycocotools", "faster"))
+    workers: int | None = flag(None, "data loader processes", type="non_negative")
+    project: str = flag("runs/val", "results go to PROJECT/NAME")
+    name: str = flag("exp", "run name (numbered when it exists)")
+
+    def check(self) -> None:
+        if (self.weights is None) == (self.cfg is None):
+            raise ConfigError("val needs one of --weights or --cfg")
+        if self.imgsz is not None:
+            check_imgsz(self.imgsz, "--imgsz")
 
 
 def split_items(data_yaml: str | Path, split: str, evaluator: COCOEvaluator) -> list[tuple[Any, Path]]:
@@ -35,14 +70,13 @@ def split_items(data_yaml: str | Path, split: str, evaluator: COCOEvaluator) -> 
 
 @torch.no_grad()
 def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str = "val", imgsz: int = 640,
-             batch: int = 32, conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
+             batch: int = 32, conf: float = VAL_CONF, iou: float = IOU, max_det: int = MAX_DET,
              device: torch.device | str = "cpu", backend: str = "pycocotools", workers: int | None = None,
              save_dir: Path | None = None, save_json: bool = False, evaluator: COCOEvaluator | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` (a module, or a backend such as ``OnnxBackend`` taking a float batch) on a split;
+    """Evaluate ``model`` (a module, or a runtime such as ``OnnxRuntime`` taking a float batch) on a split;
     returns COCOEvaluator.summarize()'s dict plus timing and skipped counts."""
-    if imgsz % 32:
-        raise ValueError(f"imgsz must be a multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     evaluator = evaluator or COCOEvaluator.from_yolo(data, split, backend=backend)
     evaluator.reset()
     items = split_items(data, split, evaluator)
@@ -87,8 +121,8 @@ def validate(model: torch.nn.Module | Callable, data: str | Path, *, split: str 
     results["skipped_images"] = skipped
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-        (save_dir / "results.txt").write_text(format_table(results) + "\n")
+        write_text(save_dir / "metrics.json", json.dumps(results, indent=2))
+        write_text(save_dir / "results.txt", format_table(results) + "\n")
         if save_json:
             evaluator.save_json(save_dir / "predictions.json")
     return results

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .onnx import ExportError
+from .. import files
+from .checks import ExportError, ExportReport
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 # histograms cut off the rare extreme activations min-max keeps: 0.75 points of mAP50-95 lost instead of 1.18 on
@@ -40,19 +41,12 @@ class QuantizationError(ExportError):
     """ONNX Runtime cannot quantize or run the quantized graph; the message names the operator."""
 
 
-def _letterboxed(image: np.ndarray, imgsz: int) -> np.ndarray:
-    """(1, 3, imgsz, imgsz) float32 RGB in 0-1, as validate and detect feed the model."""
-    from ..datasets.letterbox import letterbox
-
-    boxed, _ = letterbox(image, (imgsz, imgsz))
-    return np.ascontiguousarray(boxed.transpose(2, 0, 1)[None], dtype=np.float32) / 255
-
-
 def calibration_reader(images: Iterable[np.ndarray | str | Path], input_name: str, imgsz: int):
     """An ONNX Runtime CalibrationDataReader over images (RGB arrays or files), letterboxed one at a time."""
     from onnxruntime.quantization import CalibrationDataReader
 
     from ..datasets.labels import read_image
+    from ..datasets.letterbox import letterbox_batch
 
     class LetterboxCalibration(CalibrationDataReader):
         def __init__(self) -> None:
@@ -62,7 +56,8 @@ def calibration_reader(images: Iterable[np.ndarray | str | Path], input_name: st
         def _feeds(self, items: list) -> Iterator[dict[str, np.ndarray]]:
             for item in items:
                 image = item if isinstance(item, np.ndarray) else read_image(item)
-                yield {input_name: _letterboxed(image, imgsz)}
+                # (1, 3, imgsz, imgsz) float32 RGB in 0-1, as validate and detect feed the model
+                yield {input_name: letterbox_batch([image], (imgsz, imgsz))[0].contiguous().numpy()}
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
@@ -219,8 +214,8 @@ def quantize_onnx(float_path: str | Path, output: str | Path, images: Sequence[n
             op = _named_op(e, quantized.graph)
             raise QuantizationError(f"{float_path}: ONNX Runtime cannot run the quantized graph"
                                     + (f" (operator {op})" if op else "") + f": {e}") from e
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staged), str(output))
+        with files.staged(output) as partial:
+            shutil.copyfile(staged, partial)
     ops = [n.op_type for n in quantized.graph.node]
     return {"path": output, "size_mb": output.stat().st_size / 2**20, "quantize_s": time.perf_counter() - start,
             "float_nodes": excluded, "quantize_linear": ops.count("QuantizeLinear"),
@@ -257,10 +252,10 @@ def calibration_split(data: str | Path, calib_images: int, workdir: Path, seed: 
 
 def onnx_map(path: str | Path, data: str | Path, imgsz: int) -> dict[str, Any]:
     """COCO mAP of an ONNX file on the val split of ``data``."""
-    from ..engine.predictor import OnnxBackend
     from ..engine.validate import validate
+    from ..runtimes import OnnxRuntime
 
-    return validate(OnnxBackend(path), data, split="val", imgsz=imgsz, progress=False)
+    return validate(OnnxRuntime(path), data, split="val", imgsz=imgsz, progress=False)
 
 
 def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, calib_images: int = 256,
@@ -269,11 +264,13 @@ def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, c
     """Export ``model`` to float ONNX (parity-checked), quantize it calibrated on ``calib_images`` letterboxed
     train images of ``data``, then measure float and INT8 mAP50-95 (val split, or held-apart train images) and
     ONNX Runtime latency, interleaved. The INT8 file is written only when every step passed."""
-    from .onnx import export_onnx, onnx_latency
+    from ..runtimes.onnxrt import onnx_latency
+    from .onnx import export_onnx
 
     if calib_images < 1:
         raise ValueError(f"--calib-images must be at least 1, got {calib_images}")
     output = Path(output)
+    files.check_writable(output.parent)  # before the export, calibration and evaluation, not after
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="yolo_mobile_int8_") as tmp:
         calib, eval_data = calibration_split(data, calib_images, Path(tmp))
@@ -288,7 +285,7 @@ def export_int8(model, output: str | Path, data: str | Path, imgsz: int = 640, c
             report["evaluated_on"] = f"{calib_images} train images held apart" if held_apart else "the val split"
         times = onnx_latency({"float": float_path, "int8": staged}, imgsz, runs=runs, warmup=3)
         report["ms_float"], report["ms_int8"] = times["float"]["median_ms"], times["int8"]["median_ms"]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staged), str(output))
-    report["path"] = output
-    return report
+        with files.staged(output) as partial:
+            shutil.copyfile(staged, partial)
+    report.update(path=output, precision="int8", keep_float=list(keep_float))
+    return ExportReport("onnx", imgsz, report)

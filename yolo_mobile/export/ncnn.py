@@ -17,11 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.runtimes import NCNN_METADATA as METADATA
-from ..engine.runtimes import NCNN_PARAM as PARAM
-from ..engine.runtimes import NCNN_WEIGHTS as WEIGHTS
-from ..engine.runtimes import ncnn_net, ncnn_run, require_ncnn, unsupported_layers
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged, warnings_ignored
+from ..config import check_imgsz
+from ..runtimes.ncnn import NCNN_METADATA as METADATA
+from ..runtimes.ncnn import NCNN_PARAM as PARAM
+from ..runtimes.ncnn import NCNN_WEIGHTS as WEIGHTS
+from ..runtimes.ncnn import NcnnRuntime, require_ncnn, unsupported_layers
+from .checks import (
+    ConversionError,
+    ExportReport,
+    check_parity,
+    fused_copy,
+    metadata,
+    metadata_json,
+    staged,
+    warnings_ignored,
+)
 
 
 def _pnnx(traced: Path, imgsz: int, half: bool, workdir: Path) -> None:
@@ -45,8 +55,7 @@ def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bo
     when the check passed."""
     require_ncnn()
     output = Path(output)
-    if imgsz < 32 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     if output.is_file():
         raise ValueError(f"{output}: is a file; ncnn writes a folder (model.ncnn.param and model.ncnn.bin)")
     fused = fused_copy(model)
@@ -67,7 +76,7 @@ def export_ncnn(model: nn.Module, output: str | Path, imgsz: int = 640, half: bo
             shutil.move(str(workdir / name), str(partial / name))
         (partial / METADATA).write_text(metadata_json(metadata(model, imgsz, precision)) + "\n")
         report["export_s"] = time.perf_counter() - start
-        runner = ncnn_net(partial, half=half)
-        report.update(check_parity(fused, lambda a: ncnn_run(runner, a), imgsz, "ncnn", half, check_images))
+        runtime = NcnnRuntime(partial)  # float16 storage as the metadata just written says
+        report.update(check_parity(fused, runtime.run, imgsz, "ncnn", half, check_images))
         report["size_mb"] = (partial / WEIGHTS).stat().st_size / 2**20
-    return {**report, "path": output}
+    return ExportReport("ncnn", imgsz, {**report, "path": output})

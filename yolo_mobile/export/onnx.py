@@ -9,7 +9,6 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,10 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from ..detector import class_names
-from ..engine.postprocess import class_aware_nms
+from ..config import check_imgsz
+from ..engine.postprocess import CONF, IOU, MAX_DET, class_aware_nms
+from .checks import ExportError, ExportReport, check_parity, metadata, output_difference, staged
 
-PARITY_TOLERANCE = 1e-3  # max abs difference of scores (and of boxes below BOX_TOLERANCE), float32
-# box corners, in pixels, within this fraction of the input side (0.032 px at 320): float32 sums in another order
-# move a trained mobilenetv3_large's DFL distances, times the stride, by up to ~5e-3 px where its scores agree to 2e-6
-BOX_TOLERANCE = 1e-4
 MIN_OPSET = 9  # opset 8 cannot export the neck's nearest-neighbour upsampling
 
 
@@ -35,11 +31,6 @@ def max_opset() -> int:
     except ImportError:
         return 20
     return int(ONNX_MAX_OPSET)
-
-
-class ExportError(ValueError):
-    """The exported file does not run the same as the PyTorch model (a ValueError: the CLI reports it in one
-    line, as it does bad arguments; another opset may export a file that does)."""
 
 
 class DetectorWithNMS(nn.Module):
@@ -68,48 +59,19 @@ class DetectorWithNMS(nn.Module):
         return torch.stack(dets), torch.stack(counts)
 
 
-def _sample_image(imgsz: int) -> np.ndarray:
-    """A deterministic drawn image (shapes on a background), for checks when no real image is given."""
-    from ..datasets.synthetic import draw_sample
-
-    image, _ = draw_sample(np.random.default_rng(0), imgsz)
-    return image
-
-
-def _inputs(paths: list[Path], batch: int, h: int, w: int) -> torch.Tensor:
-    from ..datasets.labels import read_image
-    from ..datasets.letterbox import letterbox_chw
-
-    images = [read_image(p) for p in paths] or [_sample_image(max(h, w))]
-    boxed = [letterbox_chw(images[k % len(images)], (h, w))[0] for k in range(batch)]
-    return torch.from_numpy(np.stack(boxed)).float() / 255
-
-
-def _difference(out: np.ndarray, ref: np.ndarray, box_axis: int) -> tuple[float, float]:
-    """(max abs difference of the box corners, of everything else); ``box_axis`` holds corners first, then the
-    rest (scores, class)."""
-    diff = np.abs(out - ref)
-    boxes, rest = np.split(diff, [4], axis=box_axis)
-    return float(boxes.max(initial=0.0)), float(rest.max(initial=0.0))
-
-
-def _compare(module: nn.Module, session: Any, x: torch.Tensor, raw_session: Any = None) -> tuple[float, float]:
-    """ONNX Runtime against PyTorch: ``_difference`` of the outputs. With embedded NMS, the model part is compared
-    on the raw outputs (``raw_session``) and the NMS part on identical inputs: PyTorch's NMS applied to ONNX
-    Runtime's raw output. (Comparing end to end would let 1e-5 noise flip greedy NMS decisions among near-equal
-    boxes.)"""
-    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
-    out = session.run(None, feed)
-    if raw_session is None:
-        with torch.no_grad():
-            return _difference(out[0], module(x).numpy(), box_axis=1)
-    raw = raw_session.run(None, feed)[0]
+def _compare_nms(module: DetectorWithNMS, session: Any, raw_session: Any, x: torch.Tensor) -> tuple[float, float]:
+    """An embedded-NMS export against PyTorch: the model part on the raw outputs (``raw_session``), the NMS part
+    on identical inputs: PyTorch's NMS applied to ONNX Runtime's raw output. (Comparing end to end would let 1e-5
+    noise flip greedy NMS decisions among near-equal boxes.)"""
+    feed = x.numpy().astype(np.float32)
+    out = session.run(feed)
+    raw = raw_session.run(feed)[0]
     with torch.no_grad():
-        parts = [_difference(raw, module.model(x).numpy(), box_axis=1)]
+        parts = [output_difference(raw, module.model(x).numpy())]
         dets, counts = module.nms(torch.from_numpy(raw))
     if not np.array_equal(out[1], counts.numpy()):
         raise ExportError(f"embedded NMS kept {out[1].tolist()} detections where PyTorch kept {counts.tolist()}")
-    parts += [_difference(canonical_order(a), canonical_order(b), box_axis=1)
+    parts += [output_difference(canonical_order(a), canonical_order(b))
               for a, b in zip(out[0], dets.numpy(), strict=True)]
     return max(p[0] for p in parts), max(p[1] for p in parts)
 
@@ -122,8 +84,8 @@ def canonical_order(dets: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: int = 1, dynamic: bool = False,
-                opset: int = 17, simplify: bool = False, half: bool = False, nms: bool = False, max_det: int = 300,
-                conf: float = 0.25, iou: float = 0.7, device: str = "cpu",
+                opset: int = 17, simplify: bool = False, half: bool = False, nms: bool = False, max_det: int = MAX_DET,
+                conf: float = CONF, iou: float = IOU, device: str = "cpu",
                 check_images: list[str | Path] | None = None) -> dict[str, Any]:
     """Fuse, export, check with onnx.checker, optionally simplify, then compare ONNX Runtime with PyTorch on a
     drawn image and ``check_images`` (and, with ``dynamic``, at a second batch and size). Returns a report.
@@ -131,36 +93,28 @@ def export_onnx(model: nn.Module, output: str | Path, imgsz: int = 640, batch: i
     The file is written under a temporary name beside ``output`` and moved into place only when every check
     passed: a failed export leaves nothing behind."""
     output = Path(output)
-    if imgsz < 32 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     if batch < 1 or max_det < 1:
         raise ValueError(f"batch and max_det must be >= 1, got {batch} and {max_det}")
     if not MIN_OPSET <= opset <= max_opset():
         raise ValueError(f"opset must be in {MIN_OPSET}..{max_opset()}, got {opset}")
     if output.is_dir():
         raise ValueError(f"{output}: is a folder; give the path of the .onnx file to write")
-    partial = output.with_name(f".{output.name}.partial")
-    try:
+    with staged(output) as partial:  # after a failed check (or any error): no half-checked file
         report = _export(model, partial, imgsz, batch, dynamic, opset, simplify, half, nms, max_det, conf, iou,
                          device, check_images)
-        partial.replace(output)
-    except ExportError as e:
-        raise ExportError(f"{output}: {e}; nothing was written") from None
-    finally:
-        partial.unlink(missing_ok=True)  # after a failed check (or any error): no half-checked file
-    return {**report, "path": output}
+    return ExportReport("onnx", imgsz, {**report, "path": output})
 
 
 def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: bool, opset: int, simplify: bool,
             half: bool, nms: bool, max_det: int, conf: float, iou: float, device: str,
             check_images: list[str | Path] | None) -> dict[str, Any]:
     import onnx
-    import onnxruntime as ort
 
     from ..engine.device import select_device
-    from ..version import __version__
+    from ..runtimes import OnnxRuntime
 
-    dev = select_device(device)
+    dev = select_device(device, "export")
     if half and dev.type != "cuda":
         raise ValueError("--half export needs a CUDA device (fp16 convolutions do not run on the CPU)")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -191,21 +145,18 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
         except ImportError:
             raise ImportError("--simplify needs onnxslim: pip install onnxslim") from None
         graph = onnxslim.slim(graph)
-    names = class_names(model)
     # imgsz as [h, w], task and args (a Python literal) as ultralytics' exports write them, so its predict and val
     # read the file (docs/ultralytics.md)
-    meta = {"names": json.dumps(names), "stride": "32", "imgsz": json.dumps([imgsz, imgsz]), "batch": str(batch),
-            "task": "detect", "args": repr({"dynamic": bool(dynamic), "nms": bool(nms)}),
-            "dynamic": str(dynamic).lower(), "nms": str(nms).lower(), "max_det": str(max_det), "conf": str(conf),
-            "iou": str(iou), "box_format": "xyxy" if nms else "cxcywh", "producer": f"yolo-mobile {__version__}",
-            "model": json.dumps(model.config.to_dict()) if hasattr(model, "config") else ""}
+    meta = {**metadata(model, imgsz, "float16" if half else "float32", batch=batch, dynamic=dynamic, nms=nms,
+                       max_det=max_det, conf=conf, iou=iou, box_format="xyxy" if nms else "cxcywh"),
+            "imgsz": [imgsz, imgsz], "task": "detect", "args": repr({"dynamic": bool(dynamic), "nms": bool(nms)})}
     del graph.metadata_props[:]
-    for k, v in meta.items():
-        graph.metadata_props.add(key=k, value=v)
+    for k, v in meta.items():  # ONNX metadata holds strings: the rest as JSON
+        graph.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
     onnx.save(graph, str(output))
     export_s = time.perf_counter() - start
 
-    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    session = OnnxRuntime(output)
     raw_session = None
     if nms and not half:  # the model without NMS, for the parity check of each part
         raw_path = output.with_name(output.stem + ".raw-check.onnx")
@@ -213,70 +164,15 @@ def _export(model: nn.Module, output: Path, imgsz: int, batch: int, dynamic: boo
             warnings.simplefilter("ignore")
             torch.onnx.export(fused, (x.cpu().float(),), str(raw_path), dynamo=False, opset_version=opset,
                               input_names=["images"], output_names=["output0"], dynamic_axes=axes or None)
-        raw_session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
+        raw_session = OnnxRuntime(raw_path)
         raw_path.unlink()
-    paths = [Path(p) for p in (check_images or [])]
     shapes = [(batch, imgsz, imgsz)]
     if dynamic:
-        shapes.append((batch if nms else batch + 1, imgsz - 64, imgsz + 64))
-    diffs, checked = [], []
+        shapes.append((batch if nms else batch + 1, max(32, imgsz - 64), imgsz + 64))  # another size, as it says
+    report = {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s,
+              "max_abs_diff": float("nan"), "checked": []}
     if not half:  # fp16 runs on the GPU only; its parity is reported by the GPU benchmark instead
-        for b, h, w in shapes:
-            diffs.append(_compare(module, session, torch.rand(b, 3, h, w), raw_session))
-            diffs.append(_compare(module, session, _inputs(paths, b, h, w), raw_session))
-            checked.append(f"random and {'real' if paths else 'drawn'} images at {b}x3x{h}x{w}")
-    box_tolerance = BOX_TOLERANCE * imgsz
-    worst = max((max(d) for d in diffs), default=float("nan"))
-    if diffs and not (max(d[0] for d in diffs) < box_tolerance and max(d[1] for d in diffs) < PARITY_TOLERANCE):
-        raise ExportError(f"ONNX Runtime differs from PyTorch by {max(d[0] for d in diffs):.2e} px on boxes "
-                          f"(tolerance {box_tolerance:.2g}) and {max(d[1] for d in diffs):.2e} on scores "
-                          f"(tolerance {PARITY_TOLERANCE:.0e})")
-    return {"path": output, "size_mb": output.stat().st_size / 2**20, "export_s": export_s, "max_abs_diff": worst,
-            "checked": checked}
-
-
-def onnx_session(path: str | Path, cuda: bool = False, threads: int | None = None):
-    """An ONNX Runtime session on the CUDA provider when asked and installed, else the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def onnx_latency(paths: dict[str, str | Path], imgsz: int, batch: int = 1, runs: int = 30, warmup: int = 5,
-                 threads: int | None = None, cuda: bool = False, half: bool = False,
-                 rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """ONNX Runtime latency of one forward pass at ``batch`` x 3 x imgsz x imgsz for each file, interleaved
-    (``interleaved_latency``)."""
-    sessions = {k: onnx_session(p, cuda, threads) for k, p in paths.items()}
-    x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x.astype(np.float16) if half and "float16" in s.get_inputs()[0].type else x}
-             for k, s in sessions.items()}
-    calls = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
-    times = interleaved_latency(calls, runs, warmup, rounds)
-    return {k: {**v, "provider": sessions[k].get_providers()[0]} for k, v in times.items()}
-
-
-def interleaved_latency(calls: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 5,
-                        rounds: int = 5) -> dict[str, dict[str, Any]]:
-    """Median and p90 milliseconds of each call, interleaved: the ``runs`` are split into ``rounds`` blocks that
-    alternate between the calls, so a load that comes and goes on a shared machine falls on all of them alike."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    rounds = max(1, min(rounds, runs))
-    for r in range(rounds):
-        n = runs // rounds + (r < runs % rounds)
-        for k, call in calls.items():
-            for _ in range(n):
-                t = time.perf_counter()
-                call()
-                times[k].append((time.perf_counter() - t) * 1000)
-    return {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)}
-            for k, v in times.items()}
+        compare = (lambda x: _compare_nms(module, session, raw_session, x)) if raw_session is not None else None
+        report.update(check_parity(module, lambda a: session.run(a)[0], imgsz, "ONNX Runtime",
+                                   check_images=check_images, shapes=shapes, compare=compare))
+    return report

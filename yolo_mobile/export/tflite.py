@@ -21,9 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.runtimes import TFLITE_METADATA, native_logs_filtered, require_tflite, tflite_interpreter, tflite_run
-from .checks import ConversionError, check_parity, fused_copy, metadata, metadata_json, staged, warnings_ignored
-from .onnx import ExportError
+from ..config import check_imgsz
+from ..runtimes.litert import TFLITE_METADATA, TfliteRuntime, native_logs_filtered, require_tflite
+from .checks import (
+    ConversionError,
+    ExportError,
+    ExportReport,
+    check_parity,
+    fused_copy,
+    metadata,
+    metadata_json,
+    staged,
+    warnings_ignored,
+)
 
 # INT8 fails its check below half of PyTorch's mAP50-95: a broken quantization (a quantized decode rounds every
 # score to zero), not the point or two that calibration costs
@@ -149,7 +159,7 @@ def _int8(module: nn.Module, x: torch.Tensor, images: list[Path], imgsz: int) ->
     from torchao.quantization.pt2e import quantize_pt2e
 
     from ..datasets.labels import read_image
-    from .int8 import _letterboxed
+    from ..datasets.letterbox import letterbox_batch
 
     quantizer = _decode_quantizer()
     with warnings_ignored(), native_logs_filtered("torch.export"):
@@ -157,18 +167,17 @@ def _int8(module: nn.Module, x: torch.Tensor, images: list[Path], imgsz: int) ->
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for path in images:
-                prepared(torch.from_numpy(_letterboxed(read_image(path), imgsz)))
+                prepared(letterbox_batch([read_image(path)], (imgsz, imgsz))[0].contiguous())
         quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
     return _converted(quantized, x, quant_config.QuantConfig(pt2e_quantizer=quantizer))
 
 
 def tflite_map(path: str | Path, data: str | Path, imgsz: int) -> dict[str, Any]:
     """COCO mAP of a .tflite file on the val split of ``data``, through the same evaluator as every model."""
-    from ..engine.predictor import TfliteBackend
     from ..engine.validate import validate
 
     # workers=0: litert-torch has started JAX's threads in this process, and a forked loader worker could deadlock
-    return validate(TfliteBackend(path), data, split="val", imgsz=imgsz, progress=False, workers=0)
+    return validate(TfliteRuntime(path), data, split="val", imgsz=imgsz, progress=False, workers=0)
 
 
 def export_tflite(model: nn.Module, output: str | Path, imgsz: int = 640, half: bool = False, int8: bool = False,
@@ -180,8 +189,7 @@ def export_tflite(model: nn.Module, output: str | Path, imgsz: int = 640, half: 
     without a val split, on further train images held apart). Written only when every step passed."""
     require_tflite()
     output = Path(output)
-    if imgsz < 32 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    check_imgsz(imgsz)
     if half and int8:
         raise ValueError("--half and --int8 are two precisions: choose one")
     if int8 and data is None:
@@ -211,7 +219,7 @@ def export_tflite(model: nn.Module, output: str | Path, imgsz: int = 640, half: 
             meta["input"] = _input_layout(model_bytes)
         partial.write_bytes(with_metadata(model_bytes, meta))
         report["export_s"] = time.perf_counter() - start
-        runner = tflite_interpreter(partial)
+        runtime = TfliteRuntime(partial)
         if int8:
             from ..engine.validate import validate
 
@@ -224,6 +232,6 @@ def export_tflite(model: nn.Module, output: str | Path, imgsz: int = 640, half: 
                 raise ExportError(f"INT8 mAP50-95 {kept:.4f} on {report['evaluated_on']} is under "
                                   f"{INT8_MIN_MAP_RATIO:.0%} of PyTorch's {base:.4f}")
         else:
-            report.update(check_parity(fused, lambda a: tflite_run(runner, a), imgsz, "LiteRT", half, check_images))
+            report.update(check_parity(fused, runtime.run, imgsz, "LiteRT", half, check_images))
         report["size_mb"] = partial.stat().st_size / 2**20
-    return {**report, "path": output}
+    return ExportReport("tflite", imgsz, {**report, "path": output})

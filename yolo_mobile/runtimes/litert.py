@@ -1,7 +1,6 @@
-"""The phone runtimes: LiteRT's interpreter (XNNPACK) for .tflite files and ncnn for pnnx's ncnn folders. Loading,
-one forward pass and the metadata an export wrote; export/ checks exports with these, predictor runs them.
-
-Both are optional extras (``pip install -e ".[tflite]"``, ``".[ncnn]"``), imported on first use.
+"""LiteRT (TFLite): a .tflite file in LiteRT's interpreter with XNNPACK, its default CPU delegate; loading, one
+forward pass, the metadata an export wrote, and the filter that keeps LiteRT's (and its converter's) native log
+lines out of the output. An optional extra (``pip install -e ".[tflite]"``), imported on first use.
 """
 
 from __future__ import annotations
@@ -18,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from ..config import default_names
+from .base import RUNTIMES
 
 TFLITE_METADATA = "yolo_mobile"  # the flatbuffer metadata entry holding the export's metadata as JSON
-NCNN_PARAM, NCNN_WEIGHTS, NCNN_METADATA = "model.ncnn.param", "model.ncnn.bin", "metadata.json"
 
 
 # a native (absl, TFLite) or torch log line of level E or F: "E0000 00:00:...", "F1126 ...", "ERROR: ..."
@@ -57,15 +59,7 @@ def require_tflite() -> None:
             from None
 
 
-def require_ncnn() -> None:
-    try:
-        import ncnn  # noqa: F401
-        import pnnx  # noqa: F401
-    except ImportError:
-        raise ImportError('--format ncnn needs pnnx and ncnn: pip install -e ".[ncnn]"') from None
 
-
-# ------------------------------------------------------------------------------------------------------- LiteRT
 def tflite_interpreter(path: str | Path, threads: int | None = None):
     """A LiteRT interpreter for ``path`` with its tensors allocated (XNNPACK, LiteRT's default CPU delegate)."""
     from ai_edge_litert.interpreter import Interpreter
@@ -110,59 +104,25 @@ def tflite_metadata(path: str | Path) -> dict[str, Any]:
     return {}
 
 
-# --------------------------------------------------------------------------------------------------------- ncnn
-def is_ncnn_folder(path: str | Path) -> bool:
-    return (Path(path) / NCNN_PARAM).is_file()
+@RUNTIMES.register("tflite")
+class TfliteRuntime:
+    """A .tflite file run by the LiteRT interpreter (XNNPACK): batch 1, the size it was exported at; names and
+    size from its metadata. One interpreter is not thread-safe: predict runs it one batch at a time."""
 
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        require_tflite()
+        self.runner = tflite_interpreter(path, threads)
+        meta = tflite_metadata(path)
+        _, _, h, w = self.runner.get_input_details()[0]["shape"]
+        outputs = int(self.runner.get_output_details()[0]["shape"][1])
+        self.names = meta.get("names") or default_names(outputs - 4)
+        self.batch, self.imgsz, self.stride, self.nms_inside = 1, int(h), int(meta.get("stride", 32)), False
+        if h != w:
+            raise ValueError(f"{path}: input {h}x{w} is not square; yolo-mobile exports square inputs")
 
-def ncnn_metadata(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / NCNN_METADATA
-    return json.loads(path.read_text()) if path.is_file() else {}
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """``tflite_run`` on this file's interpreter: (1, 3, H, W) float32 in, (1, 4 + nc, N) float32 out."""
+        return tflite_run(self.runner, x)
 
-
-def unsupported_layers(param: Path) -> list[str]:
-    """Layer types in an ncnn .param file that this ncnn build has no layer for (pnnx leaves an op it cannot
-    lower under its PyTorch name, such as ``Tensor.reshape`` of a tensor with more than 4 dimensions)."""
-    import ncnn
-
-    lines = param.read_text().splitlines()[2:]  # magic number, then layer and blob counts
-    kinds = [line.split()[0] for line in lines if line.strip()]
-    return sorted({k for k in kinds if ncnn.layer_to_index(k) < 0})
-
-
-def ncnn_net(folder: str | Path, threads: int | None = None, half: bool | None = None):
-    """An ncnn Net loaded from ``folder`` running on ``threads`` (default: torch's thread count); float16 storage
-    and arithmetic only for a float16 export (``half`` None: as its metadata says), so a float32 export runs as
-    it was checked."""
-    import ncnn
-    import torch
-
-    folder = Path(folder)
-    if half is None:
-        half = ncnn_metadata(folder).get("precision") == "float16"
-    missing = unsupported_layers(folder / NCNN_PARAM)
-    if missing:
-        raise ValueError(f"{folder / NCNN_PARAM}: ncnn has no layer for {', '.join(missing)}")
-    model = ncnn.Net()
-    model.opt.use_fp16_storage = model.opt.use_fp16_packed = model.opt.use_fp16_arithmetic = half
-    # default: torch's intra-op count, the share of the cores this process was given (a test worker gets 1): ncnn
-    # waits at every layer for each of its threads, so more threads than free cores cost it most (README)
-    model.opt.num_threads = threads or torch.get_num_threads()
-    if model.load_param(str(folder / NCNN_PARAM)) != 0 or model.load_model(str(folder / NCNN_WEIGHTS)) != 0:
-        raise ValueError(f"{folder}: ncnn cannot load {NCNN_PARAM} and {NCNN_WEIGHTS}")
-    return model
-
-
-def ncnn_run(model, x: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float32 in, (B, 4 + nc, N) out: one extractor per image (ncnn has no batch axis)."""
-    import ncnn
-
-    outs = []
-    for image in np.ascontiguousarray(x, dtype=np.float32):
-        extractor = model.create_extractor()
-        extractor.input(model.input_names()[0], ncnn.Mat(image).clone())
-        status, out = extractor.extract(model.output_names()[0])
-        if status != 0:
-            raise RuntimeError(f"ncnn failed to run the model (status {status})")
-        outs.append(np.array(out))
-    return np.stack(outs)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(x.numpy()))
