@@ -73,6 +73,26 @@ def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
     assert json.loads(meta["names"]) == ["0", "1", "2", "3"] and json.loads(meta["quantization"])["format"] == "QDQ"
 
 
+def test_shared_initializers_are_quantized_like_the_others(tmp_path):
+    """torch's exporter shares equal biases (zeros here) through Identity nodes; each Conv must still get an int32
+    bias from a DequantizeLinear, or ONNX Runtime runs it in float between a DequantizeLinear and a QuantizeLinear."""
+    import torch
+
+    nn = torch.nn
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1))
+    for m in convs[::2]:
+        torch.nn.init.zeros_(m.bias)
+    float_path, int8_path = tmp_path / "convs.onnx", tmp_path / "convs_int8.onnx"
+    torch.onnx.export(convs, (torch.rand(1, 3, SIZE, SIZE),), str(float_path), dynamo=False)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(float_path)).graph.node)  # what is being tested
+    quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
+    graph = onnx.load(str(int8_path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    biases = [producer.get(n.input[2]) for n in graph.node if n.op_type == "Conv"]
+    assert biases == ["DequantizeLinear"] * 3
+
+
 def test_decode_found_in_ultralytics_head(tmp_path):
     from yolo_mobile.benchmark import UltralyticsDetector
 
