@@ -93,6 +93,32 @@ def test_shared_initializers_are_quantized_like_the_others(tmp_path):
     assert biases == ["DequantizeLinear"] * 3
 
 
+def test_convs_without_a_fast_int8_kernel_stay_float_in_onnx_runtime(tmp_path):
+    """A depthwise conv with a channel multiplier (Mobile-Former's) ran ~10x slower as QLinearConv: it stays a
+    float Conv in the graph ONNX Runtime runs, while the plain and depthwise convs around it are quantized."""
+    import torch
+
+    nn = torch.nn
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 16, 3, padding=1, groups=8),
+                          nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    float_path, int8_path = tmp_path / "convs.onnx", tmp_path / "convs_int8.onnx"
+    torch.onnx.export(convs, (torch.rand(1, 3, SIZE, SIZE),), str(float_path), dynamo=False)
+    report = quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimised.onnx")).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    quantized = [(weights[n.input[3]][:2], next((a.i for a in n.attribute if a.name == "group"), 1))
+                 for n in graph.node if n.op_type == "QLinearConv"]
+    assert ([8, 3], 1) in quantized and ([16, 1], 8) not in quantized  # (out, in per group), groups
+    assert any(n.op_type in ("Conv", "FusedConv") and next(a.i for a in n.attribute if a.name == "group") == 8
+               for n in graph.node)  # float, its Clip fused in
+    assert len(report["float_nodes"]) == 1
+    x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
+    assert np.corrcoef(run(float_path, x).ravel(), run(int8_path, x).ravel())[0, 1] > 0.99
+
+
 def test_decode_found_in_ultralytics_head(tmp_path):
     from yolo_mobile.benchmark import UltralyticsDetector
 
