@@ -63,6 +63,11 @@ def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
     decode_outputs = {o for n in graph.node if n.name in decode for o in n.output}
     assert decode_outputs and not any(n.op_type == "QuantizeLinear" and n.input[0] in decode_outputs
                                       for n in graph.node)
+    # and stays so in the graph ONNX Runtime runs: no Softmax (DFL, attention) fused into QLinearSoftmax
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    assert "QLinearSoftmax" not in {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
     image = draw_sample(np.random.default_rng(7), SIZE)[0]
     x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255
     ref, out = run(float_path, x)[0], run(int8_path, x)[0]
