@@ -5,6 +5,12 @@ decode (from the concatenation of the per-level maps to the output: DFL softmax,
 sigmoid) stays float: boxes in pixels and scores in 0-1 share its tensors, and one 8-bit scale for both would
 round every score to zero. Softmaxes (attention) stay float too by default: on this CPU that was faster than
 their quantized form at the same accuracy (README, "INT8").
+
+Three graph fixes make ONNX Runtime run in int8 what is quantized and in float what is not (profiles:
+docs/measurements/2026-12-04-lite-models.md): weights and biases torch's exporter shares through Identity nodes
+are inlined first (else their Convs stayed float); grouped convs other than plain depthwise ones (no fast int8
+kernel) stay float; and the Q/DQ pair after every node kept float is dropped, so ONNX Runtime does not fuse it back
+into a QLinear kernel.
 """
 
 from __future__ import annotations
