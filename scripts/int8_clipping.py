@@ -20,7 +20,13 @@ from onnx import helper, numpy_helper
 from yolo_mobile.api import load_model
 from yolo_mobile.config import load_data_config
 from yolo_mobile.datasets.synthetic import resolve_data
-from yolo_mobile.export.int8 import CALIB_METHODS, calibration_split, onnx_map, quantize_onnx
+from yolo_mobile.export.int8 import (
+    CALIB_METHODS,
+    calibration_split,
+    inline_initializer_aliases,
+    onnx_map,
+    quantize_onnx,
+)
 from yolo_mobile.export.onnx import export_onnx
 
 PARTS = ("backbone", "neck", "head")  # the detector's top-level modules, as the exported node names begin
@@ -34,7 +40,10 @@ def clipped_float(int8: onnx.ModelProto, floats: onnx.ModelProto, clip_part: str
     model.CopyFrom(int8)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    float_weights = {i.name: i for i in floats.graph.initializer}
+    named = onnx.ModelProto()
+    named.CopyFrom(floats)
+    inline_initializer_aliases(named)  # the names quantize_onnx gave shared weights
+    float_weights = {i.name: i for i in named.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:

@@ -63,6 +63,11 @@ def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
     decode_outputs = {o for n in graph.node if n.name in decode for o in n.output}
     assert decode_outputs and not any(n.op_type == "QuantizeLinear" and n.input[0] in decode_outputs
                                       for n in graph.node)
+    # and stays so in the graph ONNX Runtime runs: no Softmax (DFL, attention) fused into QLinearSoftmax
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    assert "QLinearSoftmax" not in {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
     image = draw_sample(np.random.default_rng(7), SIZE)[0]
     x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255
     ref, out = run(float_path, x)[0], run(int8_path, x)[0]
@@ -71,6 +76,52 @@ def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
     assert np.median(np.abs(ref[:4] - out[:4])) < 2.0
     meta = {p.key: p.value for p in onnx.load(str(int8_path)).metadata_props}
     assert json.loads(meta["names"]) == ["0", "1", "2", "3"] and json.loads(meta["quantization"])["format"] == "QDQ"
+
+
+def test_shared_initializers_are_quantized_like_the_others(tmp_path):
+    """torch's exporter shares equal biases (zeros here) through Identity nodes; each Conv must still get an int32
+    bias from a DequantizeLinear, or ONNX Runtime runs it in float between a DequantizeLinear and a QuantizeLinear."""
+    import torch
+
+    nn = torch.nn
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1))
+    for m in convs[::2]:
+        torch.nn.init.zeros_(m.bias)
+    float_path, int8_path = tmp_path / "convs.onnx", tmp_path / "convs_int8.onnx"
+    torch.onnx.export(convs, (torch.rand(1, 3, SIZE, SIZE),), str(float_path), dynamo=False)
+    assert any(n.op_type == "Identity" for n in onnx.load(str(float_path)).graph.node)  # what is being tested
+    quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
+    graph = onnx.load(str(int8_path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    biases = [producer.get(n.input[2]) for n in graph.node if n.op_type == "Conv"]
+    assert biases == ["DequantizeLinear"] * 3
+
+
+def test_convs_without_a_fast_int8_kernel_stay_float_in_onnx_runtime(tmp_path):
+    """A depthwise conv with a channel multiplier (Mobile-Former's) ran ~10x slower as QLinearConv: it stays a
+    float Conv in the graph ONNX Runtime runs, while the plain and depthwise convs around it are quantized."""
+    import torch
+
+    nn = torch.nn
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 16, 3, padding=1, groups=8),
+                          nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    float_path, int8_path = tmp_path / "convs.onnx", tmp_path / "convs_int8.onnx"
+    torch.onnx.export(convs, (torch.rand(1, 3, SIZE, SIZE),), str(float_path), dynamo=False)
+    report = quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimised.onnx")).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    quantized = [(weights[n.input[3]][:2], next((a.i for a in n.attribute if a.name == "group"), 1))
+                 for n in graph.node if n.op_type == "QLinearConv"]
+    assert ([8, 3], 1) in quantized and ([16, 1], 8) not in quantized  # (out, in per group), groups
+    assert any(n.op_type in ("Conv", "FusedConv") and next(a.i for a in n.attribute if a.name == "group") == 8
+               for n in graph.node)  # float, its Clip fused in
+    assert len(report["float_nodes"]) == 1
+    x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
+    assert np.corrcoef(run(float_path, x).ravel(), run(int8_path, x).ravel())[0, 1] > 0.99
 
 
 def test_decode_found_in_ultralytics_head(tmp_path):

@@ -463,8 +463,8 @@ def describe(config: BenchmarkConfig, rows: list[dict[str, Any]]) -> str:
     if "onnxruntime" in config.backends:
         text += "; ONNX Runtime on the file `yolo-mobile export` writes"
     if "onnxruntime-int8" in config.backends:
-        text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode and "
-                 f"softmaxes in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images")
+        text += ("; INT8: that file quantized (QDQ, per-channel int8 weights, uint8 activations, box decode, "
+                 f"softmaxes and grouped convs in float) on {INT8_CALIBRATION_IMAGES} drawn shapes-set images")
     phone = [name for key, name in (("tflite", "LiteRT (XNNPACK) on the .tflite"), ("ncnn", "ncnn on the pnnx "
              "export")) if key in config.backends]
     if phone:

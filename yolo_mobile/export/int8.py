@@ -5,6 +5,12 @@ decode (from the concatenation of the per-level maps to the output: DFL softmax,
 sigmoid) stays float: boxes in pixels and scores in 0-1 share its tensors, and one 8-bit scale for both would
 round every score to zero. Softmaxes (attention) stay float too by default: on this CPU that was faster than
 their quantized form at the same accuracy (README, "INT8").
+
+Three graph fixes make ONNX Runtime run in int8 what is quantized and in float what is not (profiles:
+docs/measurements/2026-12-04-lite-models.md): weights and biases torch's exporter shares through Identity nodes
+are inlined first (else their Convs stayed float); grouped convs other than plain depthwise ones (no fast int8
+kernel) stay float; and the Q/DQ pair after every node kept float is dropped, so ONNX Runtime does not fuse it back
+into a QLinear kernel.
 """
 
 from __future__ import annotations
@@ -128,6 +134,79 @@ def decode_nodes(graph: onnx.GraphProto) -> list[str]:
     return list(decode)
 
 
+def inline_initializer_aliases(model: onnx.ModelProto) -> int:
+    """Replace every Identity node that reads an initializer by a copy of that initializer under the node's
+    output name; returns how many. torch's exporter shares equal tensors that way (the zero biases that an untrained
+    model's folded BatchNorms leave, equal weights), and ONNX Runtime's quantizer quantizes only the weights and
+    biases it finds as initializers: a Conv whose bias sits behind an Identity kept a float bias, which ONNX
+    Runtime cannot fuse into QLinearConv, so it ran the whole Conv in float between a DequantizeLinear and a
+    QuantizeLinear (14 of mobilenetv3_large_lite's 111 Convs)."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    aliases = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    for node in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
+    return len(aliases)
+
+
+def slow_int8_convs(graph: onnx.GraphProto) -> list[str]:
+    """Grouped Convs other than plain depthwise ones (depthwise with a channel multiplier, grouped 1x1): ONNX
+    Runtime's QLinearConv has no fast kernel for them and ran Mobile-Former's depthwise convs with 2-6x
+    multipliers ~10x slower than float (25 ms against 2.4 ms of a 1-thread run at 320), so they stay float."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    slow = []
+    for node in graph.node:
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = dims.get(node.input[1], []) if node.op_type == "Conv" and len(node.input) > 1 else []
+        if groups > 1 and len(weight) == 4 and not (weight[1] == 1 and weight[0] == groups):
+            slow.append(node.name)
+    return slow
+
+
+def drop_output_qdq(model: onnx.ModelProto, names: Iterable[str]) -> int:
+    """Remove the QuantizeLinear -> DequantizeLinear pairs on the outputs of the nodes ``names``, or of a Relu or
+    Clip that alone follows one (their readers take the float tensor instead); returns how many pairs. A node the
+    quantizer kept float still ran quantized when its neighbours put a pair on each side of it: ONNX Runtime fuses
+    DequantizeLinear -> Softmax -> QuantizeLinear into QLinearSoftmax (MobileViT's attention: 31 ms against 2.1 in
+    float, 1 thread at 320), and quantizes the float weights of such a Conv itself (its WeightBiasQuantization
+    pass). Without the pair after them they stay float."""
+    graph = model.graph
+    names = set(names)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    outputs = set()
+    for node in graph.node:
+        if node.name in names:
+            out = node.output[0]
+            outputs.add(out)
+            # a Relu or Clip alone after it: ONNX Runtime fuses it into the Conv and looks for the pair after it
+            while len(consumers.get(out, [])) == 1 and consumers[out][0].op_type in ("Relu", "Clip"):
+                out = consumers[out][0].output[0]
+                outputs.add(out)
+    graph_outputs = {o.name for o in graph.output}
+    dropped = 0
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in outputs]:
+        dqs = [d for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"]
+        if len(dqs) != len(consumers.get(q.output[0], [])) or q.output[0] in graph_outputs:
+            continue  # something reads the quantized tensor itself: leave the pair
+        for dq in dqs:
+            for reader in consumers.get(dq.output[0], []):
+                reader.input[:] = [q.input[0] if i == dq.output[0] else i for i in reader.input]
+            for o in graph.output:
+                if o.name == dq.output[0]:
+                    o.name = q.input[0]
+            graph.node.remove(dq)
+        graph.node.remove(q)
+        dropped += 1
+    return dropped
+
+
 def calibration_chunk(n: int, most: int = CALIB_CHUNK) -> int:
     """The largest divisor of ``n`` not above ``most``: ONNX Runtime's chunked calibration wants equal chunks."""
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
@@ -174,7 +253,9 @@ def quantize_onnx(float_path: str | Path, output: str | Path, images: Sequence[n
     graph = onnx.load(str(float_path))
     if any(o.name == "count" for o in graph.graph.output):
         raise ValueError("--int8 quantizes the model's raw (B, 4 + nc, N) output: export it without --nms")
+    inline_initializer_aliases(graph)
     excluded = float_nodes(graph.graph, keep_float)
+    excluded += [n for n in slow_int8_convs(graph.graph) if n not in excluded]
     reader = calibration_reader(images, graph.graph.input[0].name, imgsz)
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
@@ -182,10 +263,12 @@ def quantize_onnx(float_path: str | Path, output: str | Path, images: Sequence[n
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="yolo_mobile_int8_") as tmp:
         staged = Path(tmp) / output.name
+        inlined = Path(tmp) / "float_inlined.onnx"
+        onnx.save(graph, str(inlined))
         logging.disable(logging.WARNING)  # the quantizer logs advice to the root logger on every call
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibraters print per chunk
-                quantize_static(str(float_path), str(staged), reader, quant_format=QuantFormat.QDQ,
+                quantize_static(str(inlined), str(staged), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, reduce_range=reduce_range,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=calibrate, nodes_to_exclude=excluded,
@@ -200,6 +283,7 @@ def quantize_onnx(float_path: str | Path, output: str | Path, images: Sequence[n
         finally:
             logging.disable(logging.NOTSET)
         quantized = onnx.load(str(staged))
+        drop_output_qdq(quantized, excluded)
         meta = {p.key: p.value for p in graph.metadata_props}
         meta["quantization"] = json.dumps({"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8",
                                            "activations": "uint8", "calibration": method, "images": len(images),
