@@ -267,16 +267,18 @@ def test_sigterm_stops_like_ctrl_c_and_leaves_no_empty_folder(shapes, tmp_path, 
     import sys
     import time
 
+    # at 320 on one thread an epoch of 8 steps takes seconds, so the signal lands inside epoch 1 (at 64 an idle CPU
+    # finished it inside the sleep below and saved a checkpoint); on the CPU, as a GPU would be faster still
     cmd = [sys.executable, "-m", "yolo_mobile", "train", "--cfg", "yolov5n.yaml", "--data", str(shapes), "--epochs",
-           "50", "--imgsz", "64", "--batch", "2", "--workers", workers, "--no-val", "--project", str(tmp_path),
-           "--name", "s", "--device", "cpu"]  # on a GPU, epoch 1 could end inside the one-second sleep below
+           "50", "--imgsz", "320", "--batch", "2", "--workers", workers, "--no-val", "--project", str(tmp_path),
+           "--name", "s", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "s" / "args.yaml").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert (tmp_path / "s" / "args.yaml").is_file(), proc.communicate()[1][-2000:]
-    time.sleep(1)  # into the first epoch, workers started
+    time.sleep(0.5)  # into the first epoch, workers started
     if workers == "0":
         proc.send_signal(signal.SIGTERM)
     else:
