@@ -50,7 +50,6 @@ def test_console_script_entry():
 def test_train_flags_come_from_the_trainer_dataclass():
     """Every TrainConfig field with help text is a flag with the field's type, choices and default, and nothing
     else becomes a training option; parsing `models` does not import the trainer (torch)."""
-    import dataclasses
 
     from yolo_mobile.cli import build_parser
     from yolo_mobile.engine.trainer import TrainConfig
@@ -124,9 +123,10 @@ def test_every_command_defaults_to_what_its_python_api_does(command):
                 "export": ["--cfg", "m.yaml"], "benchmark": [], "train": []}[command]
     args = build_parser().parse_args([command, *required])
     if command == "train":
-        given = {k: v for k, v in vars(args).items() if v is not None and k in
-                 {f.name for f in dataclasses.fields(trainer.TrainConfig)}}
-        assert trainer.TrainConfig.from_kwargs(**given) == trainer.TrainConfig.from_kwargs()
+        from yolo_mobile.cli import given_flags
+
+        assert trainer.TrainConfig.from_kwargs(**given_flags(args, trainer.TrainConfig)) == \
+            trainer.TrainConfig.from_kwargs()
         api = _signature_defaults(trainer.train)
         assert (api["cfg"], api["data"]) == (trainer.TrainConfig.cfg, trainer.TrainConfig.data)
         return

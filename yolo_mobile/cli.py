@@ -195,8 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("train needs --cfg (a model YAML or built-in name) or --resume")
     if args.imgsz is not None:
         check_imgsz(args.imgsz, "--imgsz")
-    flags = {f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
-    given = {k: v for k, v in vars(args).items() if k in flags and v is not None}
+    given = given_flags(args, TrainConfig)
     # with --resume the run's stored configuration holds; Trainer refuses flags other than epochs/device/workers
     config = None if args.resume else TrainConfig.from_kwargs(**given)
     def stop_on_sigterm(signum, frame):  # kill or a job scheduler: stop as Ctrl-C does, keeping what is saved
@@ -452,11 +451,15 @@ def add_dataclass_flags(p: argparse.ArgumentParser, klass: type) -> None:
                                 help=meta["help"] + (f" (default {_shown(default)})" if shown else ""), **extra)
 
 
+def given_flags(args: argparse.Namespace, klass: type) -> dict[str, Any]:
+    """The fields of ``klass`` whose flags were given (the others are None in ``args``)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(klass)
+            if "help" in f.metadata and getattr(args, f.name, None) is not None}
+
+
 def options(args: argparse.Namespace, klass: type) -> Any:
     """The command's config: the dataclass's defaults, with the flags that were given."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(klass)
-             if "help" in f.metadata and getattr(args, f.name, None) is not None}
-    return klass(**given)
+    return klass(**given_flags(args, klass))
 
 
 def add_command_flags(command: str) -> Callable[[argparse.ArgumentParser], None]:
