@@ -96,8 +96,10 @@ def test_light_neck_and_head_options_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("head:\n  chanels: 48", "unknown key 'chanels' in 'head'; valid keys: reg_max, act, channels, shared"),
+    ("head:\n  chanels: 48", "unknown key 'chanels' in 'head'; valid keys: reg_max, act, channels, shared, "
+                            "depthwise"),
     ("neck:\n  depthwise: 1", "'neck.depthwise' must be a bool, got 1"),
+    ("head:\n  depthwise: dense", "'head.depthwise' must be a bool, got 'dense'"),
     ("head:\n  channels: -8", "'head.channels' must be an integer >= 0"),
 ])
 def test_light_options_refuse_bad_values_with_the_line(tmp_path, text, message):
@@ -113,4 +115,5 @@ def test_every_lite_model_has_the_light_neck_and_head():
     for name in lite:
         config = load_model_config(name)
         full = load_model_config(name.replace("_lite", ""))
-        assert config.backbone == full.backbone and config.neck.depthwise and config.head.channels > 0
+        assert config.backbone == full.backbone and config.neck.width < full.neck.width and not config.neck.sppf
+        assert config.head.shared and 0 < config.head.channels < 64

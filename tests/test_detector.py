@@ -198,6 +198,17 @@ def test_depthwise_replaces_every_3x3_conv_of_neck_and_head():
     assert sum(p.numel() for p in light.parameters()) < sum(p.numel() for p in dense.parameters())
 
 
+@pytest.mark.parametrize(("neck_dw", "head_dw"), [(True, False), (False, True)])
+def test_head_depthwise_overrides_the_neck_option(neck_dw, head_dw):
+    model = build_model({**LITE, "neck": {"depthwise": neck_dw}, "head": {"depthwise": head_dw}}, pretrained=False)
+    for part, dw in (("neck", neck_dw), ("head", head_dw)):
+        assert any(c.groups > 1 for c in convs(getattr(model, part))) == dw
+    again = build_model(model.config.to_dict(), pretrained=False)  # as a checkpoint rebuilds it
+    assert again.state_dict().keys() == model.state_dict().keys()
+    unset = build_model({**LITE, "neck": {"depthwise": True}}, pretrained=False)
+    assert unset.config.head.depthwise is None and any(c.groups > 1 for c in convs(unset.head))
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_head_channels_set_the_branch_width(shared):
     model = build_model({**LITE, "head": {"channels": 40, "shared": shared}}, nc=3, pretrained=False)

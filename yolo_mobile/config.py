@@ -160,6 +160,8 @@ class HeadConfig:
     channels: int = field(default=0, metadata=_valid(lambda v: v >= 0, "an integer >= 0 (0: YOLOv8's widths)"))
     # one stack of 3x3 convs per level for both branches, which keep only their 1x1 predictions
     shared: bool = False
+    # the head's 3x3 convs depthwise-separable or dense; unset: as neck.depthwise says
+    depthwise: bool | None = field(default=None, metadata={"type": bool})
 
 
 @dataclass
@@ -197,11 +199,13 @@ def _section(doc: YamlDoc, cls: type, *section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _check_keys(doc, raw, list(fields), *section)
     for key, value in raw.items():
-        default = fields[key].default
-        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-        if not ok or isinstance(value, bool) != isinstance(default, bool):
+        expected = fields[key].metadata.get("type", type(fields[key].default))
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+        if value is None and fields[key].default is None:  # unset, as a checkpoint's config writes it
+            continue
+        if not ok or isinstance(value, bool) != (expected is bool):
             raise ConfigError(f"{doc.where(*section, key)}: '{section[0]}.{key}' must be a "
-                              f"{type(default).__name__}, got {value!r}")
+                              f"{expected.__name__}, got {value!r}")
         check, text = fields[key].metadata.get("valid", (None, ""))
         if check is not None and not check(value):
             raise ConfigError(f"{doc.where(*section, key)}: '{section[0]}.{key}' must be {text}, got {value!r}")

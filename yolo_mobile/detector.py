@@ -205,8 +205,9 @@ def build_model(cfg: str | Path | dict[str, Any] | ModelConfig, nc: int | None =
         neck = PAN(list(backbone.channels), list(backbone.strides), depth=config.neck.depth, width=config.neck.width,
                    act=config.neck.act, sppf_kernel=config.neck.sppf_kernel, depthwise=config.neck.depthwise,
                    sppf=config.neck.sppf)
+        head_depthwise = config.neck.depthwise if config.head.depthwise is None else config.head.depthwise
         head = DetectHead(config.nc, neck.channels, list(backbone.strides), reg_max=config.head.reg_max,
-                          act=config.head.act, channels=config.head.channels, depthwise=config.neck.depthwise,
+                          act=config.head.act, channels=config.head.channels, depthwise=head_depthwise,
                           shared=config.head.shared)
     except ValueError as e:
         raise ConfigError(f"{config.source}: {e}") from e
