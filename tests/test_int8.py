@@ -44,13 +44,17 @@ def float_onnx(tmp_path_factory):
 # the families int8 export was checked on (test_deploy's export parity now loops over the whole registry)
 FAMILY_CFGS = ["yolov5n.yaml", "mobilevit_xxs.yaml", "mobilenetv3_large.yaml", "fastvit_t8.yaml", "emo_1m.yaml",
                {"backbone": {"name": "timm", **BACKBONE_ARGS["timm"]}}]
-# the light neck and head (depthwise, shared head, no SPPF) on every mobile family: ONNX export, then INT8
+# the light neck and head (narrow, shared head, no SPPF) on every mobile family: ONNX export, then INT8
 LITE_CFGS = [m for m in list_builtin_models() if m.endswith("_lite.yaml")]
+# the lite YAMLs' convs are dense: the depthwise neck and head option goes through INT8 here
+DEPTHWISE_LITE = {"backbone": {"name": "mobilenetv3", "variant": "large"},
+                  "neck": {"width": 0.1875, "act": "relu", "depthwise": True, "sppf": False},
+                  "head": {"channels": 48, "shared": True, "act": "relu"}}
 
 
-@pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml", *LITE_CFGS],
+@pytest.mark.parametrize("cfg", [*FAMILY_CFGS, "mobile_former_96m.yaml", *LITE_CFGS, DEPTHWISE_LITE],
                          ids=["cspdarknet", "mobilevit", "mobilenetv3", "fastvit", "emo", "timm", "mobile_former",
-                              *LITE_CFGS])
+                              *LITE_CFGS, "depthwise_lite"])
 def test_every_family_quantizes_with_a_float_decode(tmp_path, float_onnx, cfg):
     float_path, int8_path = float_onnx(cfg), tmp_path / "m_int8.onnx"
     report = quantize_onnx(float_path, int8_path, shapes_images(SIZE, 1), SIZE)
