@@ -24,7 +24,31 @@ from yolo_mobile.runtimes import load_runtime
 from yolo_mobile.runtimes.onnxrt import onnx_imgsz
 
 IMGSZ, CONF, IOU = 64, 0.25, 0.7
-N_IMAGES, STEPS = 4, 100
+N_IMAGES, STEPS, SEEDS = 4, 100, 8
+
+
+def overfit(images: torch.Tensor, targets: torch.Tensor, nc: int, seed: int) -> torch.nn.Module:
+    """yolov5n after STEPS AdamW steps on one batch, its BatchNorm statistics those of the final weights."""
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the same weights alone or in a test worker (1 thread there)
+    model = build_model("yolov5n.yaml", nc=nc).train()
+    criterion = DetectionLoss(nc, model.strides)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    x = images.float() / 255
+    for _ in range(STEPS):
+        loss, _ = criterion(model(x), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():  # BatchNorm statistics of the final weights on this batch, for the eval-mode export
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a plain average: one pass sets them
+        model(x)
+    torch.set_num_threads(threads)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +64,6 @@ def exported(tmp_path_factory):
                          f"names: {list(data.names)}\n")
     dataset = DetectionDataset(load_split(data, "train"), IMGSZ, augment=False)
     images, targets = collate_detection([dataset[(i, IMGSZ, IMGSZ)] for i in range(N_IMAGES)])
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    # the same weights alone or in a test worker (1 thread there): float sums depend on the thread count, and on 2
-    # threads these 100 steps learn shapes well enough to be found in the resized copies too
-    torch.set_num_threads(2)
-    model = build_model("yolov5n.yaml", nc=data.nc).train()
-    criterion = DetectionLoss(data.nc, model.strides)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    x = images.float() / 255
-    for _ in range(STEPS):
-        loss, _ = criterion(model(x), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():  # BatchNorm statistics of the final weights on this batch, for the eval-mode export
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # a plain average: one pass sets them
-        model(x)
-    torch.set_num_threads(threads)
-    model.names = list(data.names)
-    onnx_path = root / "m.onnx"
-    export_onnx(model.eval(), onnx_path, imgsz=IMGSZ)
     folder = root / "images"
     folder.mkdir()
     for k in range(N_IMAGES):
@@ -72,6 +72,21 @@ def exported(tmp_path_factory):
         # letterboxed back to 64x64 with padding: their un-letterboxing is checked against ours
         cv2.imwrite(str(folder / f"{k}_wide.png"), cv2.resize(bgr, (192, 128), interpolation=cv2.INTER_LINEAR))
         cv2.imwrite(str(folder / f"{k}_tall.png"), cv2.resize(bgr, (80, 120), interpolation=cv2.INTER_LINEAR))
+    onnx_path = root / "m.onnx"
+    # 100 steps from scratch are chaotic (TAL gives an object no positives once no predicted box overlaps it, and
+    # float sums differ by CPU and thread count): the fixture takes the first seed whose export our own detect
+    # finds shapes with, in the resized copies too, so the comparison below is never between empty lists
+    found = {}
+    for seed in range(SEEDS):
+        model = overfit(images, targets, data.nc, seed)
+        model.names = list(data.names)
+        export_onnx(model.eval(), onnx_path, imgsz=IMGSZ)
+        results = predict(load_runtime(onnx_path), folder, imgsz=IMGSZ, conf=CONF, iou=IOU)
+        found = {Path(r.path).stem: len(r) for r in results if len(r)}
+        if sum(found.values()) >= 6 and {"wide", "tall"} <= {name.split("_")[-1] for name in found}:
+            break
+    else:
+        pytest.fail(f"no seed in {SEEDS} trained a model that finds shapes in the resized copies; last: {found}")
     return onnx_path, folder, data_yaml
 
 
@@ -97,7 +112,9 @@ def test_ultralytics_predict_reads_our_onnx_and_finds_our_boxes(exported):
         twin = (box_iou(mine.boxes, boxes) * same_class).argmax(1)
         corner = (mine.boxes - boxes[twin]).abs().max().item()
         assert same_class[torch.arange(len(twin)), twin].all() and corner <= 1.0, (r.path, corner)
-        assert np.allclose(mine.scores.numpy(), r.boxes.conf.cpu()[twin].numpy(), atol=0.02)
+        # the 64x64 originals pass unresized; the copies are resampled by each letterbox, a pixel phase apart
+        atol = 0.02 if "_" not in Path(r.path).stem else 0.05
+        assert np.allclose(mine.scores.numpy(), r.boxes.conf.cpu()[twin].numpy(), atol=atol), r.path
         total += len(mine)
         found.add(Path(r.path).stem)
     # the model finds shapes, in the resized copies too: the comparison is not between empty lists
