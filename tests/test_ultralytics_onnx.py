@@ -54,9 +54,9 @@ def overfit(images: torch.Tensor, targets: torch.Tensor, nc: int, seed: int) -> 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(ONNX file, image folder, data YAML): yolov5n overfitted on 4 shapes images (100 AdamW steps, a few
-    seconds), exported at 64; the folder holds those images at their own 64x64 and resized copies of each (wide
-    and tall); the data YAML validates on the images it trained on, by an absolute path (ultralytics resolves a
-    relative one against its own datasets folder, not the YAML's)."""
+    seconds per seed tried), exported at 64; the folder holds those images at their own 64x64 and resized copies
+    of each (wide and tall); the data YAML validates on the images it trained on, by an absolute path (ultralytics
+    resolves a relative one against its own datasets folder, not the YAML's)."""
     root = tmp_path_factory.mktemp("ultralytics")
     data = load_data_config(build_shapes(root / "shapes", n_train=N_IMAGES, n_val=1, size=IMGSZ))
     data_yaml = root / "trained.yaml"
