@@ -115,5 +115,7 @@ def test_every_lite_model_has_the_light_neck_and_head():
     for name in lite:
         config = load_model_config(name)
         full = load_model_config(name.replace("_lite", ""))
-        assert config.backbone == full.backbone and config.neck.width < full.neck.width and not config.neck.sppf
+        assert config.backbone == full.backbone and config.neck.width < full.neck.width
+        # SiLU and SPPF as the full build: each was worth 0.03-0.07 mAP50-95 in the 10-epoch comparison
+        assert config.neck.sppf and config.neck.act == config.head.act == "silu"
         assert config.head.shared and 0 < config.head.channels < 64
